@@ -1,0 +1,44 @@
+# Two commands: `make train` (set-up + main recipe) and `make test` (set-up + test suite).
+# Both work alone on a fresh Debian machine with Python 3.11 (root, package registries only).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= mobilenet_baseline
+EXTRAS ?= dev,export
+APT_PACKAGES := dataset-fashion-mnist wordnet-base
+DATA_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data venv train test test-fast bench clean
+
+setup: data venv
+
+data:
+	@missing=0; for f in $(DATA_FILES); do [ -e $$f ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		echo "installing data packages: $(APT_PACKAGES)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+train: setup
+	$(PY) train.py +recipe=$(RECIPE)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not ddp"
+
+bench: setup
+	$(PY) -m lightning_eff.bench footprint --quick
+
+clean:
+	rm -rf outputs multirun bench_results .pytest_cache

@@ -1,0 +1,46 @@
+"""lightning_eff: efficient deep learning (Menghani's survey) as PyTorch Lightning plugins.
+
+Attach a technique to any LightningModule in one line::
+
+    trainer = L.Trainer(callbacks=[QuantizationAwareTraining(engines=["x86", "qnnpack"]), FootprintMonitor()])
+
+or run a recipe: ``python train.py +recipe=mobilenet_qat``.
+"""
+from lightning_eff.callbacks import FootprintMonitor, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_eff.data import (
+    CIFAR10DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    TextFileDataModule,
+    WordNetSupersenseDataModule,
+)
+from lightning_eff.errors import ConfigError, DataNotFoundError, ExportUnavailableError, NoEffectWarning
+from lightning_eff.infra.footprint import count_macs, count_nonzero_parameters, count_parameters, measure_footprint, measure_latency
+from lightning_eff.models import create_model, list_models, register_model
+from lightning_eff.tasks import ClassificationTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10DataModule",
+    "ClassificationTask",
+    "ConfigError",
+    "DataNotFoundError",
+    "ExportUnavailableError",
+    "FashionMNISTDataModule",
+    "FootprintMonitor",
+    "ImageFolderDataModule",
+    "NoEffectWarning",
+    "PostTrainingQuantization",
+    "QuantizationAwareTraining",
+    "TextFileDataModule",
+    "WordNetSupersenseDataModule",
+    "count_macs",
+    "count_nonzero_parameters",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "measure_footprint",
+    "measure_latency",
+    "register_model",
+]

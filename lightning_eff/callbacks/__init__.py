@@ -1,0 +1,5 @@
+"""Lightning callbacks: each decides *when* a technique of the functional core runs."""
+from lightning_eff.callbacks.footprint import FootprintMonitor
+from lightning_eff.callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining
+
+__all__ = ["FootprintMonitor", "PostTrainingQuantization", "QuantizationAwareTraining"]

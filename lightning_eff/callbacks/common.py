@@ -1,0 +1,94 @@
+"""Helpers every callback shares: which submodule to operate on, example inputs, CPU copies."""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lightning_eff.errors import ConfigError
+from lightning_eff.infra.footprint import resize_batch
+
+__all__ = ["target_module", "set_target_module", "example_inputs", "model_inputs", "to_cpu", "cpu_copy"]
+
+log = logging.getLogger(__name__)
+
+
+def target_module(pl_module: nn.Module, attr: str | None = "model") -> nn.Module:
+    """The network a technique operates on: ``pl_module.<attr>`` when it exists, else the module itself."""
+    if attr:
+        model = getattr(pl_module, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    return pl_module
+
+
+def set_target_module(pl_module: nn.Module, attr: str | None, model: nn.Module, option: str = "module_attr") -> None:
+    """Replace ``pl_module.<attr>`` by ``model`` (graph surgery cannot replace the LightningModule itself)."""
+    if not attr or not isinstance(getattr(pl_module, attr, None), nn.Module):
+        names = [n for n, _ in pl_module.named_children()]
+        raise ConfigError(
+            f"{option}={attr!r}: {type(pl_module).__name__} has no submodule of that name to rewrite; "
+            f"its children are {names}. Wrap the network as an attribute (e.g. self.model) and name it here."
+        )
+    setattr(pl_module, attr, model)
+
+
+def model_inputs(batch: Any) -> Any:
+    """Inputs part of a dataloader batch: ``batch[0]`` of a tuple/list, a dict minus its labels."""
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in ("labels", "label")}
+    return batch
+
+
+def to_cpu(value: Any) -> Any:
+    """Detach and move tensors (nested in dicts/lists) to CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy in eval mode, so measuring or converting never touches the model being trained."""
+    return copy.deepcopy(model).cpu().eval()
+
+
+def _first_batch(loaders: Any) -> Any:
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return None if loaders is None else next(iter(loaders))
+
+
+def example_inputs(trainer: L.Trainer, n: int = 1, shape: list[int] | None = None) -> Any:
+    """``n`` real examples on CPU: ``datamodule.sample_inputs(n)``, else a dataloader's first batch,
+    else ``torch.randn(n, *shape)`` when ``shape`` is given; ``None`` when nothing is available."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if callable(getattr(datamodule, "sample_inputs", None)):
+        try:
+            return to_cpu(datamodule.sample_inputs(n))
+        except Exception as err:  # fall back to a dataloader batch
+            log.warning("datamodule.sample_inputs(%d) failed (%s); using a dataloader batch", n, err)
+    for name in ("val_dataloaders", "test_dataloaders", "train_dataloader"):
+        try:
+            batch = _first_batch(getattr(trainer, name, None))
+        except (StopIteration, TypeError, AttributeError):
+            continue
+        if batch is not None:
+            return resize_batch(to_cpu(model_inputs(batch)), n)
+    if shape:
+        return torch.randn(n, *shape)
+    return None

@@ -1,0 +1,317 @@
+"""``FootprintMonitor``: the survey's footprint metrics as first-class run outputs.
+
+Quality numbers alone cannot tell whether pruning or quantization paid off; the survey
+(Menghani 2021, §2) asks for model size, latency, compute and memory beside accuracy. This
+callback logs the cheap figures at every validation (so ``ModelCheckpoint(monitor=
+"footprint/nonzero_params")`` and sweeps can use them) and measures the full footprint at the end
+of ``fit`` and ``test``, writing ``{"footprint": {...}, "metrics": {...}}`` to ``results.json``.
+
+The measuring itself lives in :mod:`lightning_eff.infra.footprint`; this class only decides when
+and on what (a CPU copy of ``pl_module.model``, or of the LightningModule when it has none).
+
+Example:
+    >>> from lightning import Trainer
+    >>> monitor = FootprintMonitor(batch_sizes=[1], repeats=5, threads=1)
+    >>> trainer = Trainer(callbacks=[monitor], max_epochs=1, logger=False)  # doctest: +SKIP
+    >>> trainer.fit(task, datamodule=dm); monitor.report["footprint"]["params"]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_eff.errors import ConfigError
+from lightning_eff.infra.footprint import (
+    count_nonzero_parameters,
+    count_parameters,
+    measure_footprint,
+    resize_batch,
+    serialize_state_dict,
+    write_results,
+)
+from lightning_eff.validation import check_bool, check_int
+
+__all__ = ["FootprintMonitor", "FootprintConfig"]
+
+log = logging.getLogger(__name__)
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FootprintConfig:
+    """Validated options of :class:`FootprintMonitor` (see there)."""
+
+    batch_sizes: tuple[int, ...] = (1, 32)
+    latency: bool = True
+    memory: bool = True
+    warmup: int = 3
+    repeats: int = 10
+    threads: int | None = None
+    output_dir: str | None = None
+    filename: str = "results.json"
+    log_every_validation: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_sizes, (str, bytes)) or not isinstance(self.batch_sizes, Sequence):
+            raise ConfigError(f"batch_sizes={self.batch_sizes!r} must be a list of positive integers, e.g. [1, 32].")
+        for batch in self.batch_sizes:
+            check_int("batch_sizes[]", batch, low=1)
+        check_bool("latency", self.latency)
+        check_bool("memory", self.memory)
+        check_int("warmup", self.warmup, low=0)
+        check_int("repeats", self.repeats, low=1)
+        check_int("threads", self.threads, low=1, allow_none=True)
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
+            raise ConfigError(f"output_dir={self.output_dir!r} must be a path or None (None = the trainer's log_dir).")
+        if not isinstance(self.filename, str) or not self.filename.endswith(".json") or os.sep in self.filename:
+            raise ConfigError(f"filename={self.filename!r} must be a plain file name ending in '.json', e.g. 'results.json'.")
+        check_bool("log_every_validation", self.log_every_validation)
+
+
+class FootprintMonitor(pl.Callback):
+    """Log footprint metrics during training and write a footprint report at the end.
+
+    * ``on_validation_epoch_end`` (not in the sanity check): logs ``footprint/params``,
+      ``footprint/nonzero_params``, ``footprint/sparsity``, ``footprint/fp32_bytes``.
+    * ``on_fit_end`` / ``on_test_end``: measures everything :func:`measure_footprint` reports on
+      a CPU copy of the model in eval mode, merges float metrics from ``trainer.callback_metrics``
+      and writes ``<output_dir>/<filename>`` atomically. Lightning forbids logging in
+      ``on_fit_end``, so the final figures are logged in ``on_test_epoch_end`` when a test follows.
+
+    Only global rank zero measures and writes. A failed measurement is reported as ``None``
+    (or the whole report is skipped with a warning); it never stops training.
+
+    Args:
+        batch_sizes: batch sizes to time (``latency_ms_b<N>`` keys).
+        latency: measure latency.
+        memory: measure peak forward memory.
+        warmup: untimed calls before timing.
+        repeats: timed calls (median reported).
+        threads: ``torch.set_num_threads`` during timing (None keeps the current).
+        output_dir: where to write the report (None: ``trainer.log_dir``, else ``default_root_dir``).
+        filename: report file name (``.json``).
+        log_every_validation: log the cheap metrics at each validation epoch end.
+
+    Raises:
+        ConfigError: an option has an invalid type or value.
+    """
+
+    def __init__(
+        self,
+        batch_sizes: Sequence[int] = (1, 32),
+        latency: bool = True,
+        memory: bool = True,
+        warmup: int = 3,
+        repeats: int = 10,
+        threads: int | None = None,
+        output_dir: str | None = None,
+        filename: str = "results.json",
+        log_every_validation: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_sizes, Sequence) and not isinstance(batch_sizes, (str, bytes)):
+            batch_sizes = tuple(batch_sizes)
+        elif hasattr(batch_sizes, "__iter__") and not isinstance(batch_sizes, (str, bytes, Mapping)):
+            batch_sizes = tuple(batch_sizes)  # Hydra's ListConfig
+        self.config = FootprintConfig(
+            batch_sizes, latency, memory, warmup, repeats, threads,
+            None if output_dir is None else str(output_dir), filename, log_every_validation,
+        )
+        self.report: dict[str, Any] = {}
+        self.path: Path | None = None
+        self._output_dir: str | None = None
+        self._fingerprint: str | None = None
+        self._pending_log: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(filename=self.config.filename, output_dir=self.config.output_dir)
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it: here, not in a
+        # rank-zero-only hook where the other ranks would never join the collective.
+        if self.config.output_dir is not None:
+            self._output_dir = self.config.output_dir
+        else:
+            self._output_dir = trainer.log_dir or trainer.default_root_dir
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.config.log_every_validation:
+            return
+        try:
+            figures = _cheap_figures(_target(pl_module))
+        except Exception as err:  # never stop training for a report
+            rank_zero_warn(f"FootprintMonitor: could not count parameters ({type(err).__name__}: {err}).")
+            return
+        for key, value in figures.items():
+            # Identical on every rank, so no sync is needed; logged on all ranks because
+            # ModelCheckpoint reads callback_metrics on every rank.
+            pl_module.log(f"footprint/{key}", value, on_step=False, on_epoch=True, prog_bar=False, logger=bool(trainer.loggers))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._measure(trainer, pl_module, "fit"):
+            self._pending_log = {k: float(v) for k, v in self.report["footprint"].items() if isinstance(v, (int, float))}
+            self._write()
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._measure(trainer, pl_module, "test"):  # reuses the fit-end figures if the model is unchanged
+            self._pending_log = {k: float(v) for k, v in self.report["footprint"].items() if isinstance(v, (int, float))}
+        for key, value in self._pending_log.items():
+            pl_module.log(f"footprint/{key}", value, rank_zero_only=True, logger=bool(trainer.loggers))
+        self._pending_log = {}
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._measure(trainer, pl_module, "test"):
+            self._write()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "report": copy.deepcopy(self.report)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.report = copy.deepcopy(dict(state_dict.get("report", {})))
+
+    # ------------------------------------------------------------------ internals
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+        """Measure the footprint (if the model changed since last time) and merge metrics; False on failure."""
+        try:
+            model = _cpu_copy(_target(pl_module))
+            fingerprint = hashlib.sha1(serialize_state_dict(model)).hexdigest() + type(model).__qualname__
+            if fingerprint != self._fingerprint or "footprint" not in self.report:
+                inputs = _example_inputs(trainer)
+                if inputs is None:
+                    rank_zero_warn(
+                        "FootprintMonitor: no example inputs (no datamodule.sample_inputs and no dataloader batch);"
+                        " reporting size only, without MACs, latency and memory."
+                    )
+                    figures = _cheap_figures(model)
+                    figures.update(dict.fromkeys(["gzip_bytes", "macs", "peak_mem_mb"]))
+                else:
+                    cfg = self.config
+                    figures = measure_footprint(
+                        model, inputs, batch_sizes=cfg.batch_sizes, latency=cfg.latency, memory=cfg.memory,
+                        warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads,
+                    )
+                self.report = {"footprint": figures, "metrics": dict(self.report.get("metrics", {}))}
+                self._fingerprint = fingerprint
+            self.report["metrics"].update(_float_metrics(trainer.callback_metrics))
+            self.report["stage"] = stage
+            return True
+        except Exception as err:  # a report must never cost the trained model
+            rank_zero_warn(f"FootprintMonitor: footprint measurement failed at {stage} end ({type(err).__name__}: {err}).")
+            return False
+
+    def _write(self) -> None:
+        directory = self._output_dir or "."
+        try:
+            self.path = write_results(Path(directory) / self.config.filename, self.report)
+            rank_zero_info(f"FootprintMonitor: wrote {self.path}")
+        except OSError as err:
+            rank_zero_warn(f"FootprintMonitor: could not write {self.config.filename} in {directory} ({err}).")
+
+
+def _target(pl_module: nn.Module) -> nn.Module:
+    """The network to measure: ``pl_module.model`` when the task wraps one, else the module itself."""
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy in eval mode, so measuring never moves or switches the model being trained.
+
+    Some modules cannot be deep-copied (e.g. with non-copyable hooks); a model already on CPU
+    is then measured in place, which is safe because the measurements run in eval mode under
+    ``no_grad`` and restore every submodule's training flag afterwards.
+    """
+    try:
+        return copy.deepcopy(model).cpu().eval()
+    except Exception as err:
+        if all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()]):
+            log.warning("FootprintMonitor: deepcopy failed (%s); measuring the CPU model in place", err)
+            return model
+        raise
+
+
+def _cheap_figures(model: nn.Module) -> dict[str, float]:
+    params = count_parameters(model)
+    nonzero = count_nonzero_parameters(model)
+    return {
+        "params": float(params),
+        "nonzero_params": float(nonzero),
+        "sparsity": 1.0 - nonzero / params if params else 0.0,
+        "fp32_bytes": float(len(serialize_state_dict(model))),
+    }
+
+
+def _float_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("footprint/"):
+            continue  # they live in the "footprint" section
+        if isinstance(value, Tensor) and value.numel() == 1:
+            out[key] = float(value.detach().cpu())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def _model_inputs(batch: Any) -> Any:
+    """Inputs part of a dataloader batch: ``batch[0]`` of a tuple/list, a dict minus its labels."""
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in ("labels", "label")}
+    return batch
+
+
+def _first_batch(loaders: Any) -> Any:
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return None if loaders is None else next(iter(loaders))
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _example_inputs(trainer: pl.Trainer) -> Any:
+    """One example (batch of 1) on CPU: ``datamodule.sample_inputs(1)``, else a dataloader's first batch."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if callable(getattr(datamodule, "sample_inputs", None)):
+        try:
+            return _to_cpu(datamodule.sample_inputs(1))
+        except Exception as err:  # fall back to a dataloader batch
+            log.warning("FootprintMonitor: datamodule.sample_inputs(1) failed (%s); using a dataloader batch", err)
+    for name in ("val_dataloaders", "test_dataloaders", "train_dataloader"):
+        try:
+            batch = _first_batch(getattr(trainer, name))
+        except (StopIteration, TypeError):
+            continue
+        if batch is not None:
+            return resize_batch(_to_cpu(_model_inputs(batch)), 1)
+    return None

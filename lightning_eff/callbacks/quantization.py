@@ -1,0 +1,363 @@
+"""Quantization callbacks: QAT and PTQ for any LightningModule (thin layer over the functional core).
+
+``QuantizationAwareTraining`` rewrites ``pl_module.<module_attr>`` in :meth:`setup` — before the
+checkpoint is restored, before DDP wraps the model and before optimizers are built — so resume,
+DDP and the optimizer all see the prepared (fake-quant) network. When fake quantization starts,
+when observers freeze and when BatchNorm statistics freeze are pure functions of the global step,
+so a resumed run recomputes them exactly. At the end of fit it converts a *copy* to int8 for each
+requested engine: the trained LightningModule stays trainable, testable and re-fittable (the
+failure of Lightning 1.x's callback, Lightning #7427 and #12896).
+
+``PostTrainingQuantization`` quantizes a copy of the trained float model at the end of fit:
+static int8 calibrated on batches of the datamodule (the survey's "representative dataset"), or
+dynamic int8 for Linear/LSTM/GRU-heavy text models.
+
+Example:
+    >>> trainer = L.Trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(engine="x86", start_fraction=0.5)])
+    >>> trainer.fit(task, datamodule=dm)
+    >>> int8 = trainer.callbacks[0].deployable_models()["qat_int8_x86"]
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_eff.callbacks.common import cpu_copy, example_inputs, model_inputs, set_target_module, target_module
+from lightning_eff.compression.quantization.fx import (
+    ENGINE_ATTR,
+    OBSERVERS,
+    calibrate,
+    convert_fx_model,
+    dynamic_quantize,
+    freeze_bn_stats,
+    prepare_ptq_fx_model,
+    prepare_qat_fx_model,
+    set_fake_quant,
+    set_observers,
+)
+from lightning_eff.compression.quantization.preflight import check_engine
+from lightning_eff.errors import ConfigError
+from lightning_eff.schedules import check_step_or_fraction, resolve_step
+from lightning_eff.validation import check_bool, check_choice, check_int
+
+__all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "FLOWS"]
+
+FLOWS = ["fx", "pt2e"]
+_FLOAT32 = {"32-true", "32", 32, "64-true", "64", 64}
+_STATE_VERSION = 1
+
+
+def _check_precision(trainer: L.Trainer, who: str) -> None:
+    precision = getattr(trainer, "precision", "32-true")
+    if precision not in _FLOAT32:
+        raise ConfigError(
+            f"{who} needs 32-bit training: trainer.precision={precision!r} is not supported "
+            "(fake quantization and observers run in float32). Set trainer.precision='32-true'."
+        )
+
+
+def _engines(option: str, engines: list[str] | str | None, flow: str) -> list[str]:
+    if flow == "pt2e":
+        return ["xnnpack"]
+    if engines is None:
+        engines = ["x86"]
+    if isinstance(engines, str):
+        engines = [engines]
+    if not engines:
+        raise ConfigError(f"{option}=[] must name at least one engine.")
+    return [check_engine(e, option) for e in engines]
+
+
+class QuantizationAwareTraining(L.Callback):
+    """Quantization-aware training (survey §3.1.2, Jacob et al. 2018) for any LightningModule.
+
+    Args:
+        flow: ``"fx"`` (torch.ao FX graph mode → TorchScript / lite interpreter with x86 or QNNPACK
+            kernels) or ``"pt2e"`` (torch.export + torchao + XNNPACKQuantizer → ExecuTorch).
+        engines: FX engines to convert for, the first one also trains (``["x86", "qnnpack"]``).
+        per_channel: per-output-channel int8 weights.
+        observer: activation range observer: ``"moving_average"``, ``"minmax"`` or ``"histogram"``.
+        relu6: ``"relu"`` (ReLU6 → ReLU so conv+bn+relu fuses into one int8 kernel, torchvision's
+            choice) or ``"keep"``.
+        start_step / start_fraction: when fake quantization starts (observers run from step 0 so
+            ranges are warm); default: from the first step.
+        freeze_observer_step / freeze_observer_fraction: when scale/zero-point stop updating.
+        freeze_bn_step / freeze_bn_fraction: when BatchNorm statistics freeze (FX flow).
+        module_attr: attribute of the LightningModule holding the network to quantize.
+        example_input_shape: input shape without batch (e.g. ``[1, 32, 32]``) when the datamodule has
+            no ``sample_inputs``.
+        convert_on_fit_end: convert a copy to int8 at the end of fit (else on first request).
+
+    Raises:
+        ConfigError: an option outside its choices/range; at ``setup``: precision other than 32-bit,
+            an untraceable or unquantizable module (named), no attribute ``module_attr``.
+    """
+
+    def __init__(
+        self,
+        flow: str = "fx",
+        engines: list[str] | str | None = None,
+        per_channel: bool = True,
+        observer: str = "moving_average",
+        relu6: str = "relu",
+        start_step: int | None = None,
+        start_fraction: float | None = None,
+        freeze_observer_step: int | None = None,
+        freeze_observer_fraction: float | None = None,
+        freeze_bn_step: int | None = None,
+        freeze_bn_fraction: float | None = None,
+        module_attr: str = "model",
+        example_input_shape: list[int] | None = None,
+        convert_on_fit_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self.flow = check_choice("flow", flow, FLOWS)
+        self.engines = _engines("engines", engines, flow)
+        self.per_channel = check_bool("per_channel", per_channel)
+        self.observer = check_choice("observer", observer, list(OBSERVERS))
+        self.relu6 = check_choice("relu6", relu6, ["relu", "keep"])
+        for name, step, frac in (("start", start_step, start_fraction), ("freeze_observer", freeze_observer_step, freeze_observer_fraction),
+                                 ("freeze_bn", freeze_bn_step, freeze_bn_fraction)):
+            check_step_or_fraction(name, step, frac)
+        if flow == "pt2e" and (freeze_bn_step is not None or freeze_bn_fraction is not None):
+            raise ConfigError("freeze_bn_step/freeze_bn_fraction apply to flow='fx' only (pt2e folds BN at convert).")
+        self.start = (start_step, start_fraction)
+        self.freeze_observer = (freeze_observer_step, freeze_observer_fraction)
+        self.freeze_bn = (freeze_bn_step, freeze_bn_fraction)
+        self.module_attr = module_attr
+        if example_input_shape is not None:
+            example_input_shape = [check_int("example_input_shape[]", d, low=1) for d in example_input_shape]
+        self.example_input_shape = example_input_shape
+        self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
+        self._prepared: nn.Module | None = None
+        self._applied: tuple | None = None
+        self._converted: dict[str, nn.Module] = {}
+        self._converted_at: int | None = None
+        self._global_step = 0
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        return self._generate_state_key(flow=self.flow, engines=tuple(self.engines), module_attr=self.module_attr)
+
+    # ---------------------------------------------------------------- surgery
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        _check_precision(trainer, "QuantizationAwareTraining")
+        current = target_module(pl_module, self.module_attr)
+        if self._prepared is not None and current is self._prepared:
+            return  # setup runs again for validate/test: keep the prepared model
+        inputs = self._example(trainer, 2 if self.flow == "pt2e" else 1)
+        if self.flow == "fx":
+            prepared = prepare_qat_fx_model(
+                current, inputs, engine=self.engines[0], per_channel=self.per_channel, observer=self.observer, relu6=self.relu6
+            )
+        else:
+            from lightning_eff.compression.quantization.pt2e import prepare_pt2e_model
+
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            prepared = prepare_pt2e_model(current.cpu(), inputs, qat=True, per_channel=self.per_channel,
+                                          dynamic_shapes=({0: batch},))
+        prepared.to(pl_module.device)
+        set_target_module(pl_module, self.module_attr, prepared)
+        self._prepared = prepared
+        self._applied = None
+        rank_zero_info(f"QuantizationAwareTraining: prepared {type(current).__name__} for {self.flow}/{self.engines[0]}")
+
+    def _example(self, trainer: L.Trainer, n: int) -> Any:
+        inputs = example_inputs(trainer, n, self.example_input_shape)
+        if inputs is None:
+            raise ConfigError(
+                "QuantizationAwareTraining needs example inputs to trace the model: give the datamodule a "
+                "sample_inputs(n) method or set example_input_shape=[C, H, W]."
+            )
+        return inputs
+
+    # ---------------------------------------------------------------- schedule
+    def flags_at(self, step: int, total_steps: float | None) -> tuple[bool, bool, bool]:
+        """(fake_quant_enabled, observers_enabled, bn_frozen) at global ``step`` — a pure function."""
+        start = resolve_step(*self.start, total_steps) or 0
+        freeze_obs = resolve_step(*self.freeze_observer, total_steps)
+        freeze_bn = resolve_step(*self.freeze_bn, total_steps)
+        fake_quant = step >= start
+        observers = freeze_obs is None or step < freeze_obs
+        bn_frozen = freeze_bn is not None and step >= freeze_bn
+        return fake_quant, observers, bn_frozen
+
+    def _apply(self, trainer: L.Trainer) -> None:
+        if self._prepared is None:
+            return
+        flags = self.flags_at(trainer.global_step, trainer.estimated_stepping_batches)
+        if flags == self._applied:
+            return
+        fake_quant, observers, bn_frozen = flags
+        set_fake_quant(self._prepared, fake_quant)
+        set_observers(self._prepared, observers)
+        was_frozen = self._applied[2] if self._applied is not None else False
+        if self.flow == "fx" and bn_frozen != was_frozen:
+            freeze_bn_stats(self._prepared, bn_frozen)
+        self._applied = flags
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._applied = None
+        self._apply(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._apply(trainer)
+        if self.flow == "pt2e" and not self._prepared.training:
+            self._set_pt2e_mode(True)
+
+    # pt2e graphs ignore nn.Module.train()/eval(): switch their ops explicitly around evaluation.
+    def _set_pt2e_mode(self, training: bool) -> None:
+        if self.flow == "pt2e" and self._prepared is not None:
+            from lightning_eff.compression.quantization.pt2e import set_pt2e_training
+
+            set_pt2e_training(self._prepared, training)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._set_pt2e_mode(False)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._set_pt2e_mode(False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.training:
+            self._set_pt2e_mode(True)
+
+    # ---------------------------------------------------------------- conversion
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._global_step = trainer.global_step
+        if self.convert_on_fit_end and trainer.is_global_zero:
+            self.convert()
+
+    def convert(self) -> dict[str, nn.Module]:
+        """Convert a CPU copy of the prepared model to int8 for every engine; the prepared model is untouched."""
+        if self._prepared is None:
+            raise ConfigError("QuantizationAwareTraining.convert(): the model was never prepared (attach the callback to a fit first).")
+        self._converted = {}
+        if self.flow == "fx":
+            for engine in self.engines:
+                self._converted[f"qat_int8_{engine}"] = convert_fx_model(cpu_copy(self._prepared), engine=engine, inplace=True)
+        else:
+            from lightning_eff.compression.quantization.pt2e import convert_pt2e_model
+
+            self._converted["qat_int8_xnnpack"] = convert_pt2e_model(copy.deepcopy(self._prepared).cpu())
+        self._converted_at = self._global_step
+        return self._converted
+
+    def deployable_models(self) -> dict[str, nn.Module]:
+        """``{"qat_int8_<engine>": int8 model}`` (converted on first request if not yet)."""
+        if not self._converted and self._prepared is not None:
+            self.convert()
+        return dict(self._converted)
+
+    @property
+    def prepared_model(self) -> nn.Module | None:
+        """The fake-quant model being trained (``None`` before ``setup``)."""
+        return self._prepared
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        # Observer statistics, scales and zero points are buffers of the prepared model, saved with
+        # the LightningModule; the schedule is a function of global_step. Only plain values here.
+        return {"version": _STATE_VERSION, "flow": self.flow, "engines": list(self.engines)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        if state_dict.get("flow", self.flow) != self.flow:
+            raise ConfigError(f"checkpoint was trained with flow={state_dict['flow']!r}, this callback has flow={self.flow!r}.")
+
+
+class PostTrainingQuantization(L.Callback):
+    """Post-training int8 quantization of a copy of the trained model, at the end of fit.
+
+    Args:
+        mode: ``"static"`` (weights and activations int8; calibrated on ``calibration_batches``
+            batches of the train loader) or ``"dynamic"`` (weights int8, activations quantized on
+            the fly; for Linear/LSTM/GRU-heavy models).
+        flow: ``"fx"`` (TorchScript/lite; engines below) or ``"pt2e"`` (XNNPACK / ExecuTorch, static only).
+        engines: FX engines to produce a model for.
+        per_channel: per-channel weights (static).
+        observer: activation observer for calibration (``"histogram"`` minimises L2 error).
+        relu6: ``"keep"`` (float-trained clips stay: no re-training follows) or ``"relu"``.
+        calibration_batches: how many batches the observers see.
+        module_attr: attribute of the LightningModule holding the network.
+
+    Raises:
+        ConfigError: bad option; dynamic mode with the pt2e flow.
+    """
+
+    def __init__(
+        self,
+        mode: str = "static",
+        flow: str = "fx",
+        engines: list[str] | str | None = None,
+        per_channel: bool = True,
+        observer: str = "histogram",
+        relu6: str = "keep",
+        calibration_batches: int = 32,
+        module_attr: str = "model",
+    ) -> None:
+        super().__init__()
+        self.mode = check_choice("mode", mode, ["static", "dynamic"])
+        self.flow = check_choice("flow", flow, FLOWS)
+        if flow == "pt2e" and mode == "dynamic":
+            raise ConfigError("mode='dynamic' is available with flow='fx' only; use mode='static' for pt2e/XNNPACK.")
+        self.engines = _engines("engines", engines, flow)
+        self.per_channel = check_bool("per_channel", per_channel)
+        self.observer = check_choice("observer", observer, list(OBSERVERS))
+        self.relu6 = check_choice("relu6", relu6, ["relu", "keep"])
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
+        self.module_attr = module_attr
+        self._models: dict[str, nn.Module] = {}
+        self._trainer: L.Trainer | None = None
+        self._pl_module: L.LightningModule | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self._trainer, self._pl_module = trainer, pl_module
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.is_global_zero:
+            self.quantize(trainer, pl_module)
+
+    def _batches(self, trainer: L.Trainer):
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        for i, batch in enumerate(loader):
+            if i >= self.calibration_batches:
+                return
+            yield model_inputs(batch)
+
+    def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
+        """Quantize a CPU copy of the trained network; returns ``{"ptq_int8_<engine>": model}``."""
+        float_model = cpu_copy(target_module(pl_module, self.module_attr))
+        self._models = {}
+        if self.mode == "dynamic":
+            for engine in self.engines:
+                self._models[f"ptq_dynamic_int8_{engine}"] = dynamic_quantize(float_model, engine=engine)
+            return self._models
+        example = example_inputs(trainer, 2 if self.flow == "pt2e" else 1)
+        if self.flow == "fx":
+            for engine in self.engines:
+                prepared = prepare_ptq_fx_model(float_model, example, engine=engine, per_channel=self.per_channel,
+                                                observer=self.observer, relu6=self.relu6)
+                calibrate(prepared, self._batches(trainer))
+                self._models[f"ptq_int8_{engine}"] = convert_fx_model(prepared, engine=engine, inplace=True)
+        else:
+            from lightning_eff.compression.quantization.pt2e import convert_pt2e_model, prepare_pt2e_model
+
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            prepared = prepare_pt2e_model(float_model, example, qat=False, per_channel=self.per_channel, dynamic_shapes=({0: batch},))
+            with torch.no_grad():
+                for inputs in self._batches(trainer):
+                    prepared(inputs)
+            self._models["ptq_int8_xnnpack"] = convert_pt2e_model(prepared, inplace=True)
+        rank_zero_info(f"PostTrainingQuantization: produced {sorted(self._models)}")
+        return self._models
+
+    def deployable_models(self) -> dict[str, nn.Module]:
+        """``{"ptq_int8_<engine>": int8 model}`` produced at the end of fit."""
+        if not self._models and self._trainer is not None and self._pl_module is not None:
+            self.quantize(self._trainer, self._pl_module)
+        return dict(self._models)

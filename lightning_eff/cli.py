@@ -1,0 +1,283 @@
+"""Hydra-free core of ``train.py``: validate a composed config, build everything, fit, test, report.
+
+``train.py`` is a thin ``@hydra.main`` shim around :func:`run`; tests and sweeps call :func:`run`
+(or :func:`compose` + :func:`run`) directly and get the metrics back as a plain dict.
+
+Config layout (see ``conf/train.yaml``): ``data`` / ``task`` / every ``callbacks.<name>`` are
+``_target_`` nodes; ``model`` is a registry spec ``{name: ..., **kwargs}``; ``trainer`` holds
+``lightning.Trainer`` arguments; ``finetune`` optionally runs a second fit stage (e.g. QAT) on the
+trained model with its own callbacks.
+
+Example:
+    >>> from lightning_eff.cli import compose, run
+    >>> cfg = compose("mobilenet_baseline", ["++trainer.fast_dev_run=true"])
+    >>> metrics = run(cfg)
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_eff.errors import ConfigError, did_you_mean
+from lightning_eff.infra.checkpoint_io import AtomicCheckpointIO
+from lightning_eff.models import list_models, model_signature
+
+__all__ = ["compose", "run", "validate_config", "build", "list_recipes", "REPO_ROOT"]
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+RECIPE_DIR = REPO_ROOT / "recipes"
+
+TOP_LEVEL_KEYS = {
+    "name", "seed", "data", "model", "task", "trainer", "callbacks", "finetune", "run_dir",
+    "test_after_fit", "print_report", "ckpt_path", "report",
+}
+FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "scheduler", "warmup_fraction"}
+REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches"}
+# Trainer arguments the CLI owns (it builds them from other config groups).
+_TRAINER_RESERVED = {"self", "callbacks", "logger", "plugins"}
+
+
+# --------------------------------------------------------------------------------------------
+# composition
+# --------------------------------------------------------------------------------------------
+def list_recipes() -> list[str]:
+    """Names of the recipes in ``recipes/`` (the ``+recipe=NAME`` choices)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def check_recipe(name: str) -> None:
+    """Raise ``ConfigError`` with a did-you-mean when ``name`` is not a recipe."""
+    recipes = list_recipes()
+    if name not in recipes:
+        raise ConfigError(f"recipe={name!r} does not exist; available recipes: {recipes}.{did_you_mean(name, recipes)}")
+
+
+def compose(recipe: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/train.yaml`` (+ ``recipes/<recipe>.yaml``) with Hydra's compose API.
+
+    Args:
+        recipe: recipe name (as in ``+recipe=NAME``) or ``None`` for the plain defaults.
+        overrides: Hydra override strings, e.g. ``["++trainer.fast_dev_run=true"]``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    if recipe is not None:
+        check_recipe(recipe)
+        overrides = [f"+recipe={recipe}", *overrides]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# validation and building
+# --------------------------------------------------------------------------------------------
+def _import_target(path: str, key: str) -> Any:
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}._target_={path!r} cannot be imported: {err}") from err
+
+
+def _check_kwargs(key: str, fn: Any, given: Iterable[str]) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n in params if n != "self"]
+    for name in given:
+        if name not in params:
+            raise ConfigError(f"unknown key {key}.{name}; valid keys: {sorted(valid)}.{did_you_mean(name, valid)}")
+
+
+def _check_node_keys(key: str, node: Mapping, valid: set[str]) -> None:
+    for name in node:
+        if name not in valid:
+            raise ConfigError(f"unknown key {key}.{name}; valid keys: {sorted(valid)}.{did_you_mean(name, valid)}")
+
+
+def _check_target_node(key: str, node: Any, extra: Iterable[str] = ()) -> None:
+    if not isinstance(node, Mapping) or "_target_" not in node:
+        raise ConfigError(f"{key} must be a mapping with a _target_ (got {node!r})")
+    target = _import_target(node["_target_"], key)
+    _check_kwargs(key, target, [k for k in node if k != "_target_"] + list(extra))
+
+
+def validate_config(cfg: DictConfig | Mapping) -> None:
+    """Reject unknown keys and malformed nodes, naming the key (values are checked when built).
+
+    Raises:
+        ConfigError: the first problem found, e.g. ``unknown key trainer.max_epoch; ... Did you mean 'max_epochs'?``
+    """
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    _check_node_keys("<root>", c, TOP_LEVEL_KEYS)
+    _check_target_node("data", c.get("data"))
+    model = c.get("model")
+    if not isinstance(model, Mapping) or "name" not in model:
+        raise ConfigError(f"model must be a mapping with a 'name' (one of {list_models()}), got {model!r}")
+    if model["name"] not in list_models():
+        raise ConfigError(f"model.name={model['name']!r} is not registered; choose one of {list_models()}.{did_you_mean(model['name'], list_models())}")
+    _check_kwargs("model", _model_factory(model["name"]), [k for k in model if k != "name"])
+    _check_target_node("task", c.get("task"), extra=["model"])
+    trainer = c.get("trainer") or {}
+    valid_trainer = set(inspect.signature(L.Trainer.__init__).parameters) - _TRAINER_RESERVED
+    _check_node_keys("trainer", trainer, valid_trainer)
+    for name, node in (c.get("callbacks") or {}).items():
+        if node is not None:
+            _check_target_node(f"callbacks.{name}", node)
+    finetune = c.get("finetune")
+    if finetune is not None:
+        _check_node_keys("finetune", finetune, FINETUNE_KEYS)
+        for name, node in (finetune.get("callbacks") or {}).items():
+            if node is not None:
+                _check_target_node(f"finetune.callbacks.{name}", node)
+    _check_node_keys("report", c.get("report") or {}, REPORT_KEYS)
+
+
+def _model_factory(name: str) -> Any:
+    sig = model_signature(name)
+
+    def factory(**kwargs: Any) -> None:  # carries the factory's signature for _check_kwargs
+        return None
+
+    factory.__signature__ = sig  # type: ignore[attr-defined]
+    return factory
+
+
+def build(node: Mapping, key: str, **extra: Any) -> Any:
+    """Instantiate a ``_target_`` node with plain Python kwargs; a ``ConfigError`` is prefixed with ``key``."""
+    node = dict(node)
+    target = _import_target(node.pop("_target_"), key)
+    try:
+        return target(**node, **extra)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+def _callbacks(nodes: Mapping | None, key: str) -> list[L.Callback]:
+    return [build(node, f"{key}.{name}") for name, node in (nodes or {}).items() if node is not None]
+
+
+def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) -> L.Trainer:
+    trainer_cfg = dict(trainer_cfg)
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    if multirun and strategy.startswith("ddp") and "spawn" not in strategy:
+        # A Hydra multirun child that launches DDP by re-executing the command line re-runs the
+        # whole sweep from every rank (lightning-hydra-template #393): spawn keeps ranks in-process.
+        warnings.warn(f"trainer.strategy={strategy!r} inside a Hydra multirun re-launches the sweep; using 'ddp_spawn'.", stacklevel=2)
+        trainer_cfg["strategy"] = "ddp_spawn"
+    logger = False
+    if not trainer_cfg.get("fast_dev_run"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    trainer_cfg.setdefault("default_root_dir", str(run_dir))
+    try:
+        return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"trainer: {err}") from err
+
+
+def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
+    """Validate ``cfg``, build data/task/callbacks/trainer, fit, test and write the footprint report.
+
+    Args:
+        cfg: a composed config (``compose(...)`` or Hydra's ``cfg``).
+        multirun: set by ``train.py`` inside a Hydra multirun (guards DDP re-launch).
+
+    Returns:
+        Plain dict: ``metrics`` (logged values), ``report`` (one footprint row per model variant),
+        ``run_dir`` and ``artifacts``.
+    """
+    from lightning_eff.infra.report import build_report
+
+    validate_config(cfg)
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+    run_dir = Path(c.get("run_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(c.get("seed", 0)), workers=True, verbose=False)
+
+    datamodule = build(c["data"], "data")
+    datamodule.setup("fit")
+    model_spec = dict(c["model"])
+    model_spec.setdefault("num_classes", None)
+    if model_spec.get("num_classes") is None:
+        model_spec["num_classes"] = datamodule.num_classes
+    if "in_chans" in inspect.signature(model_signature_fn(model_spec["name"])).parameters and model_spec.get("in_chans") is None:
+        if hasattr(datamodule, "input_shape"):
+            model_spec["in_chans"] = datamodule.input_shape[0]
+    task = build(c["task"], "task", model=model_spec)
+
+    callbacks = _callbacks(c.get("callbacks"), "callbacks")
+    trainer = _trainer(c.get("trainer") or {}, callbacks, run_dir, multirun)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=c.get("ckpt_path"))
+    stages = [("fit", trainer, callbacks)]
+
+    fp32_model = None
+    finetune = c.get("finetune")
+    if finetune:
+        # Second stage on the trained model (e.g. QAT fine-tuning). A copy of the float model is
+        # kept first: it is the report's fp32 baseline row.
+        fp32_model = copy.deepcopy(task.model).cpu().eval()
+        ft_trainer_cfg = dict(c.get("trainer") or {})
+        ft_trainer_cfg["max_epochs"] = int(finetune.get("max_epochs", 1))
+        if finetune.get("limit_train_batches") is not None:
+            ft_trainer_cfg["limit_train_batches"] = finetune["limit_train_batches"]
+        task.hparams.lr = float(finetune.get("lr", task.hparams.lr * 0.1))
+        for hp in ("scheduler", "warmup_fraction"):
+            if finetune.get(hp) is not None:
+                task.hparams[hp] = finetune[hp]
+        # Only the stage's own callbacks: a PTQ or pruning callback of the first stage must not run
+        # again on the fine-tuned (e.g. fake-quantized) model.
+        ft_callbacks = _callbacks(finetune.get("callbacks"), "finetune.callbacks")
+        ft_trainer = _trainer(ft_trainer_cfg, ft_callbacks, run_dir / "finetune", multirun)
+        ft_trainer.fit(task, datamodule=datamodule)
+        stages.append(("finetune", ft_trainer, ft_callbacks))
+
+    final_trainer = stages[-1][1]
+    if c.get("test_after_fit", True):
+        final_trainer.test(task, datamodule=datamodule, verbose=False)
+    metrics = {k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}
+    report = build_report(task, datamodule, [cb for _, _, cbs in stages for cb in cbs], c.get("report") or {},
+                          fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
+    result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"], "run_dir": str(run_dir)}
+    from lightning_eff.infra.footprint import format_table, write_results
+
+    if final_trainer.is_global_zero:
+        write_results(run_dir / "results.json", {"config": c, **result})
+        if c.get("print_report", True):
+            print(format_table(report["rows"]))
+            print(f"results: {run_dir / 'results.json'}")
+    return result
+
+
+def model_signature_fn(name: str) -> Any:
+    """A callable carrying the signature of model ``name`` (for inspect)."""
+    return _model_factory(name)
+
+
+def _to_float(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v)
+    return v

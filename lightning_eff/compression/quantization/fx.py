@@ -1,0 +1,495 @@
+"""FX graph-mode quantization (QAT, static PTQ, dynamic) for TorchScript / lite-interpreter targets.
+
+The flow, for any conv net (timm models included):
+
+1. :func:`~lightning_eff.compression.quantization.fusion.fuse_for_quantization` splits timm's
+   norm+act modules and swaps ReLU6 so the Conv-BN-ReLU patterns match;
+2. ``prepare_qat_fx`` (QAT, Jacob et al. 2018) or ``prepare_fx`` (PTQ) inserts fake-quant /
+   observers with the engine's default qconfig mapping, adjusted by our options, and the
+   engine's own ``BackendConfig`` (x86 / fbgemm / qnnpack / onednn);
+3. training or :func:`calibrate`;
+4. :func:`convert_fx_model` builds the int8 model on a *copy*: the prepared model stays
+   trainable (Lightning #7427 / #12896 converted in place and broke further training).
+
+``torch.ao.quantization`` is deprecated upstream but works on the pinned torch 2.14.1; the
+maintained path for ExecuTorch is :mod:`~lightning_eff.compression.quantization.pt2e`.
+
+Example:
+    >>> from lightning_eff.models import create_model
+    >>> x = torch.randn(2, 1, 32, 32)
+    >>> prepared = prepare_qat_fx_model(create_model("mobilenetv2_tiny"), (x,), engine="x86")
+    >>> prepared(x).sum().backward()          # train as usual
+    >>> int8 = convert_fx_model(prepared)     # prepared is untouched
+    >>> sqnr_db(prepared.eval()(x), int8(x)) > 20
+    True
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_eff.compression.quantization.fusion import fuse_for_quantization
+from lightning_eff.compression.quantization.preflight import (
+    check_embeddings,
+    check_engine,
+    check_quantizable,
+    quantized_engine,
+    supported_engines,
+)
+from lightning_eff.errors import ConfigError, NoEffectWarning
+from lightning_eff.validation import check_bool, check_choice
+
+__all__ = [
+    "OBSERVERS",
+    "build_qconfig_mapping",
+    "backend_config_for",
+    "prepare_qat_fx_model",
+    "prepare_ptq_fx_model",
+    "calibrate",
+    "convert_fx_model",
+    "set_fake_quant",
+    "set_observers",
+    "freeze_bn_stats",
+    "dynamic_quantize",
+    "sqnr_db",
+    "quantized_engine",
+    "supported_engines",
+    "check_quantizable",
+    "model_engine",
+]
+
+OBSERVERS = ("minmax", "moving_average", "histogram")
+#: Functional ops that QNNPACK's quantized clamp kernel computes wrongly on channels-last tensors,
+#: which is what its convolutions return (torch 2.14.1, measured: ``F.relu6`` on a channels-last
+#: quint8 tensor is off by up to 6.0, ``hardtanh(-1, 1)`` by 2.0; contiguous inputs and the x86
+#: engine are exact). Modules are fixed by :class:`ContiguousHardtanh`; functional calls are
+#: reported by a warning.
+QNNPACK_CLAMP_FUNCTIONS = (torch.nn.functional.relu6, torch.nn.functional.hardtanh, torch.clamp, "clamp", "clamp_")
+
+
+class ContiguousHardtanh(nn.Hardtanh):
+    """``Hardtanh``/``ReLU6`` that makes its input contiguous first (work-around for QNNPACK).
+
+    Float semantics are identical to ``nn.Hardtanh(min_val, max_val)``. On int8 tensors the
+    ``contiguous()`` copy turns QNNPACK's channels-last conv output into the layout its clamp
+    kernel handles correctly (a copy is much cheaper than dequantize -> float -> quantize).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.hardtanh(x.contiguous(), self.min_val, self.max_val)
+
+
+def _fix_qnnpack_clamps(model: nn.Module) -> int:
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Hardtanh) and not isinstance(child, ContiguousHardtanh):
+                setattr(parent, name, ContiguousHardtanh(child.min_val, child.max_val))
+                count += 1
+    return count
+#: Attribute stored on prepared / converted models so convert and export know the engine.
+ENGINE_ATTR = "_lightning_eff_engine"
+
+
+def _observer_cls(observer: str, per_channel: bool, weight: bool):
+    from torch.ao.quantization import observer as obs
+
+    if weight:
+        # Weights are static within a step: min/max of the current tensor is exact; moving
+        # averages or histograms only lag behind. Histogram has no per-channel variant.
+        return obs.PerChannelMinMaxObserver if per_channel else obs.MinMaxObserver
+    return {"minmax": obs.MinMaxObserver, "moving_average": obs.MovingAverageMinMaxObserver, "histogram": obs.HistogramObserver}[observer]
+
+
+def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, reduce_range: bool | None = None):
+    """One QConfig following the engine's defaults (dtype, ranges, reduce_range) with our choices."""
+    from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize, QConfig
+
+    # x86/fbgemm kernels may overflow 16-bit accumulators on CPUs without VNNI, hence
+    # reduce_range (7-bit activations) as torch's defaults do; qnnpack/onednn use the full range.
+    if reduce_range is None:
+        reduce_range = engine in ("x86", "fbgemm")
+    act_obs = _observer_cls(observer, per_channel, weight=False)
+    w_obs = _observer_cls(observer, per_channel, weight=True)
+    w_kwargs = dict(dtype=torch.qint8, quant_min=-128, quant_max=127)
+    if per_channel:
+        w_kwargs.update(qscheme=torch.per_channel_symmetric, ch_axis=0)
+    else:
+        w_kwargs.update(qscheme=torch.per_tensor_symmetric)
+    if qat:
+        # The fused observe+fake-quant kernel only supports moving-average min/max; other
+        # observers go through the generic FakeQuantize wrapper (slower, but the user asked).
+        if observer == "moving_average":
+            act = FusedMovingAvgObsFakeQuantize.with_args(
+                observer=act_obs, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=reduce_range
+            )
+        else:
+            act = FakeQuantize.with_args(observer=act_obs, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=reduce_range)
+        w_ma = torch.ao.quantization.MovingAveragePerChannelMinMaxObserver if per_channel else torch.ao.quantization.MovingAverageMinMaxObserver
+        weight = FusedMovingAvgObsFakeQuantize.with_args(observer=w_ma, **w_kwargs)
+        return QConfig(activation=act, weight=weight)
+    act = act_obs.with_args(dtype=torch.quint8, reduce_range=reduce_range)
+    return QConfig(activation=act, weight=w_obs.with_args(**w_kwargs))
+
+
+def build_qconfig_mapping(
+    engine: str = "x86",
+    *,
+    qat: bool = True,
+    per_channel: bool = True,
+    observer: str = "moving_average",
+    reduce_range: bool | None = None,
+):
+    """The engine's default ``QConfigMapping`` with our observer / granularity choices.
+
+    ``reduce_range=None`` follows torch (7-bit activations on x86/fbgemm, which avoids int16
+    accumulator overflow on CPUs without VNNI); ``False`` gains ~6 dB SQNR on VNNI CPUs.
+
+    Starts from ``get_default_qat_qconfig_mapping(engine)`` (or the PTQ one), which also carries
+    the special entries (fixed-qparams ops such as sigmoid/hardsigmoid, reshape, layer norm,
+    transposed convs), and replaces the global qconfig everywhere it was used. Embeddings get a
+    weight-only float-qparams qconfig, the only one their quantized kernels accept.
+
+    Raises:
+        ConfigError: unknown engine/observer.
+    """
+    from torch.ao.quantization import QConfig, default_embedding_qat_qconfig, float_qparams_weight_only_qconfig
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+
+    check_engine(engine)
+    check_choice("observer", observer, OBSERVERS)
+    check_bool("per_channel", per_channel)
+    if reduce_range is not None:
+        check_bool("reduce_range", reduce_range)
+    base = get_default_qat_qconfig_mapping(engine) if qat else get_default_qconfig_mapping(engine)
+    ours = _make_qconfig(engine, qat=qat, per_channel=per_channel, observer=observer, reduce_range=reduce_range)
+    old = base.global_qconfig
+    base.set_global(ours)
+    for pattern, qc in list(base.object_type_qconfigs.items()):
+        if qc is old:
+            base.set_object_type(pattern, ours)
+        elif qc is not None and qc.activation is old.activation:
+            # transposed convs / layer norm keep their special weight config, take our activation
+            base.set_object_type(pattern, QConfig(activation=ours.activation, weight=qc.weight))
+    emb = default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
+    base.set_object_type(nn.Embedding, emb).set_object_type(nn.EmbeddingBag, emb)
+    return base
+
+
+def backend_config_for(engine: str):
+    """The FX ``BackendConfig`` of an engine (which patterns fuse, which dtypes are legal)."""
+    from torch.ao.quantization import backend_config as bc
+    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+
+    check_engine(engine)
+    return {
+        "x86": get_x86_backend_config,
+        "fbgemm": bc.get_fbgemm_backend_config,
+        "qnnpack": bc.get_qnnpack_backend_config,
+        "onednn": bc.get_onednn_backend_config,
+    }[engine]()
+
+
+def _inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise ConfigError(f"example_inputs must be a tensor or a non-empty tuple of inputs, got {type(example_inputs).__name__}.")
+
+
+def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6, fuse, inplace, qconfig_mapping, check, reduce_range):
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+    check_engine(engine)
+    check_choice("observer", observer, OBSERVERS)
+    check_choice("relu6", relu6, ["relu", "keep"])
+    for name, val in (("per_channel", per_channel), ("fuse", fuse), ("inplace", inplace), ("check", check)):
+        check_bool(name, val)
+    inputs = _inputs(example_inputs)
+    if qconfig_mapping is None:
+        mapping = build_qconfig_mapping(engine, qat=qat, per_channel=per_channel, observer=observer, reduce_range=reduce_range)
+    else:
+        mapping = qconfig_mapping
+    if check:
+        check_quantizable(model, inputs, engine, qconfig_mapping=mapping)
+    else:
+        check_embeddings(model, mapping)
+    training = model.training
+    if fuse:
+        model = fuse_for_quantization(model, relu6=relu6, example_inputs=inputs, check=check, inplace=inplace)
+    elif not inplace:
+        model = copy.deepcopy(model)
+    if engine == "qnnpack":
+        _fix_qnnpack_clamps(model)
+    with quantized_engine(engine):
+        if qat:
+            model.train()
+            prepared = prepare_qat_fx(model, mapping, inputs, backend_config=backend_config_for(engine))
+        else:
+            model.eval()
+            prepared = prepare_fx(model, mapping, inputs, backend_config=backend_config_for(engine))
+    if engine == "qnnpack":
+        bad = [n.name for n in prepared.graph.nodes if n.op in ("call_function", "call_method") and n.target in QNNPACK_CLAMP_FUNCTIONS]
+        if bad:
+            warnings.warn(
+                f"engine='qnnpack': functional clamp/relu6/hardtanh calls {bad[:5]} will run on channels-last int8 "
+                "tensors, which QNNPACK computes wrongly in this torch build; replace them by nn.ReLU6/nn.Hardtanh "
+                "modules or use engine='x86'. Check the converted model with sqnr_db.",
+                UserWarning,
+                stacklevel=3,
+            )
+    prepared.train(training if qat else False)
+    setattr(prepared, ENGINE_ATTR, engine)
+    return prepared
+
+
+def prepare_qat_fx_model(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    engine: str = "x86",
+    per_channel: bool = True,
+    observer: str = "moving_average",
+    reduce_range: bool | None = None,
+    relu6: str = "relu",
+    fuse: bool = True,
+    inplace: bool = False,
+    qconfig_mapping: Any = None,
+    check: bool = True,
+) -> torch.fx.GraphModule:
+    """Fuse, then insert QAT fake-quantization (``prepare_qat_fx``) for ``engine``.
+
+    Args:
+        model: float model (train or eval mode; the result keeps the mode).
+        example_inputs: tensor or tuple used for tracing and the fusion check.
+        engine: ``"x86" | "fbgemm" | "qnnpack" | "onednn"`` (see :func:`supported_engines`).
+        per_channel: per-output-channel symmetric int8 weights (better accuracy, same speed).
+        observer: activation range estimator: ``"moving_average"`` (default, uses the fused
+            observe+fake-quant kernel), ``"minmax"`` or ``"histogram"`` (slow in QAT). Weights
+            always use min/max of the current tensor (exact for static weights).
+        reduce_range: 7-bit activations; ``None`` = the engine's default (see
+            :func:`build_qconfig_mapping`).
+        relu6: ``"relu"`` (fast, torchvision's choice) or ``"keep"``; see ``fusion.py``.
+        fuse: run :func:`fuse_for_quantization` first (turn off only for pre-fused models).
+        inplace: let fusion modify ``model`` instead of a copy.
+        qconfig_mapping: a full ``QConfigMapping`` overriding engine/per_channel/observer.
+        check: run the pre-flight and the fusion equivalence check.
+
+    Returns:
+        The prepared ``GraphModule`` (trainable; the engine is stored on it).
+
+    Raises:
+        ConfigError: bad option, engine typo, untraceable module, embedding without a suitable
+            qconfig, or a fusion rewrite that changed outputs.
+    """
+    return _prepare(model, example_inputs, qat=True, engine=engine, per_channel=per_channel, observer=observer,
+                    relu6=relu6, fuse=fuse, inplace=inplace, qconfig_mapping=qconfig_mapping, check=check,
+                    reduce_range=reduce_range)
+
+
+def prepare_ptq_fx_model(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    engine: str = "x86",
+    per_channel: bool = True,
+    observer: str = "histogram",
+    reduce_range: bool | None = None,
+    relu6: str = "keep",
+    fuse: bool = True,
+    inplace: bool = False,
+    qconfig_mapping: Any = None,
+    check: bool = True,
+) -> torch.fx.GraphModule:
+    """Fuse, then insert observers for static post-training quantization (``prepare_fx``).
+
+    Same arguments as :func:`prepare_qat_fx_model`; the defaults differ because there is no
+    training to adapt: ``observer="histogram"`` (minimises the L2 quantization error of each
+    activation, slower to calibrate) and ``relu6="keep"`` (a float-trained ReLU6 network is not
+    re-trained, so its clip must stay). Run :func:`calibrate` next, then :func:`convert_fx_model`.
+    """
+    return _prepare(model, example_inputs, qat=False, engine=engine, per_channel=per_channel, observer=observer,
+                    relu6=relu6, fuse=fuse, inplace=inplace, qconfig_mapping=qconfig_mapping, check=check,
+                    reduce_range=reduce_range)
+
+
+def model_engine(model: nn.Module, default: str | None = None) -> str | None:
+    """The engine a model was prepared / converted for (``None`` for float models)."""
+    return getattr(model, ENGINE_ATTR, default)
+
+
+def _default_input_fn(batch: Any) -> tuple:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)  # (x, y) pairs from a DataLoader
+    if isinstance(batch, dict):
+        return (batch.get("input", batch.get("x", next(iter(batch.values())))),)
+    raise ConfigError(f"calibrate: cannot get model inputs from a batch of type {type(batch).__name__}; pass input_fn.")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    input_fn: Callable[[Any], tuple] | None = None,
+) -> int:
+    """Run calibration batches through a prepared model in eval mode (observers record ranges).
+
+    Args:
+        model: output of :func:`prepare_ptq_fx_model` (or a QAT model, to refresh ranges).
+        batches: iterable of tensors, ``(x, y)`` pairs or dicts.
+        max_batches: stop after this many.
+        input_fn: ``batch -> tuple of model inputs`` for other batch layouts.
+
+    Returns:
+        The number of batches run.
+
+    Raises:
+        ConfigError: no batch was seen (observers would stay empty and convert would fail).
+    """
+    fn = input_fn or _default_input_fn
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with quantized_engine(model_engine(model)):
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                model(*fn(batch))
+                seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ConfigError("calibrate: got no batches; observers have no statistics and convert would produce garbage.")
+    return seen
+
+
+def convert_fx_model(prepared: torch.fx.GraphModule, *, engine: str | None = None, inplace: bool = False) -> torch.fx.GraphModule:
+    """Convert a prepared model to int8 (on a deep copy unless ``inplace=True``).
+
+    Args:
+        prepared: output of :func:`prepare_qat_fx_model` / :func:`prepare_ptq_fx_model`.
+        engine: defaults to the engine stored on ``prepared``; weights are packed for it.
+        inplace: convert ``prepared`` itself (it is then no longer trainable).
+
+    Returns:
+        The quantized ``GraphModule`` in eval mode, with the engine recorded on it.
+    """
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    engine = engine or model_engine(prepared) or torch.backends.quantized.engine
+    check_engine(engine)
+    target = prepared if inplace else copy.deepcopy(prepared)
+    target.eval()
+    with quantized_engine(engine):
+        quantized = convert_fx(target, backend_config=backend_config_for(engine))
+    setattr(quantized, ENGINE_ATTR, engine)
+    return quantized.eval()
+
+
+def _switch(model: nn.Module, on: str, off: str, enabled: bool, what: str) -> int:
+    """Call ``on``/``off`` on every module that has them (torch.ao and torchao fake-quants alike)."""
+    check_bool("enabled", enabled)
+    count = 0
+    for mod in model.modules():
+        method = getattr(mod, on if enabled else off, None)
+        if callable(method) and hasattr(mod, on) and hasattr(mod, off) and mod is not model:
+            method()
+            count += 1
+    if count == 0:
+        warnings.warn(f"{what}: the model has no fake-quant / observer modules; nothing changed.", NoEffectWarning, stacklevel=3)
+    return count
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> int:
+    """Enable/disable fake quantization (numerics) in all fake-quant modules; returns the count."""
+    return _switch(model, "enable_fake_quant", "disable_fake_quant", enabled, "set_fake_quant")
+
+
+def set_observers(model: nn.Module, enabled: bool) -> int:
+    """Enable/disable range observation (scale/zero-point updates); returns the count.
+
+    Freezing observers late in QAT lets the weights adapt to fixed quantization grids
+    (Krishnamoorthi 2018, "Quantizing deep convolutional networks for efficient inference", §3.2).
+    """
+    return _switch(model, "enable_observer", "disable_observer", enabled, "set_observers")
+
+
+def freeze_bn_stats(model: nn.Module, freeze: bool = True) -> int:
+    """Freeze (or unfreeze) BN running statistics in fused QAT ConvBn* modules; returns the count.
+
+    After freezing, the folded conv uses the running statistics, as the int8 model will
+    (Krishnamoorthi 2018 §3.2: freeze BN statistics after a few epochs of QAT).
+    """
+    check_bool("freeze", freeze)
+    import torch.ao.nn.intrinsic.qat as nniqat
+
+    kinds = tuple(getattr(nniqat, n) for n in ("ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d"))
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, kinds):
+            mod.freeze_bn_stats() if freeze else mod.update_bn_stats()
+            count += 1
+    if count == 0:
+        warnings.warn("freeze_bn_stats: no fused ConvBn QAT module found; nothing changed.", NoEffectWarning, stacklevel=2)
+    return count
+
+
+def dynamic_quantize(
+    model: nn.Module,
+    dtypes: Iterable[type] = (nn.Linear, nn.LSTM, nn.GRU),
+    *,
+    engine: str | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Dynamic int8 quantization (weights int8, activations quantized on the fly) for text models.
+
+    Best for Linear/LSTM-heavy models where weight bandwidth dominates (BERT students, PQRNN).
+
+    Args:
+        model: float model.
+        dtypes: module classes to quantize.
+        engine: engine to pack weights for; default the current one.
+        inplace: modify ``model`` instead of a copy.
+
+    Raises:
+        ConfigError: ``dtypes`` holds something that is not an nn.Module class.
+    """
+    dtypes = set(dtypes)
+    bad = [d for d in dtypes if not (isinstance(d, type) and issubclass(d, nn.Module))]
+    if bad or not dtypes:
+        raise ConfigError(f"dtypes must be a non-empty collection of nn.Module classes, got {bad or list(dtypes)}.")
+    engine = engine or torch.backends.quantized.engine
+    with quantized_engine(engine):
+        out = torch.ao.quantization.quantize_dynamic(model, dtypes, dtype=torch.qint8, inplace=inplace)
+    setattr(out, ENGINE_ATTR, engine)
+    return out
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - test)^2))`` in dB.
+
+    A quality gate for int8 models: > 30 dB means the noise is ~3% of the signal; ``inf`` when equal.
+
+    Raises:
+        ConfigError: shape mismatch.
+    """
+    ref = reference.dequantize() if reference.is_quantized else reference
+    tst = test.dequantize() if test.is_quantized else test
+    if ref.shape != tst.shape:
+        raise ConfigError(f"sqnr_db: shapes differ, reference {tuple(ref.shape)} vs test {tuple(tst.shape)}.")
+    ref, tst = ref.detach().double(), tst.detach().double()
+    noise = (ref - tst).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

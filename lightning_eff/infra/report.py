@@ -1,0 +1,116 @@
+"""End-of-run report: one footprint row per model variant (fp32, PTQ int8, QAT int8, ...).
+
+The survey's argument is the pareto frontier of quality versus footprint, so every run ends
+with the same measurements for every variant it produced, taken the same way: test accuracy
+(a plain CPU loop over the test loader, identical for float and int8 models), parameters,
+non-zero parameters, serialized bytes, MACs, CPU latency and peak memory, plus the bytes and
+verification figures of each exported artifact.
+
+Callbacks take part through two optional methods:
+
+* ``deployable_models() -> dict[str, nn.Module]`` — e.g. ``{"qat_int8": converted}``;
+* ``artifacts() -> list[dict]`` — one entry per exported file (``variant``, ``format``, ``path``,
+  ``bytes``, ...).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_eff.infra.footprint import measure_footprint
+from lightning_eff.tasks.classification import call_model, split_batch
+
+__all__ = ["build_report", "evaluate_accuracy", "collect_deployables"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module | Any, dataloader: Any, max_batches: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` over ``dataloader`` on CPU (works for float, int8 and scripted models)."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    correct = total = 0
+    for i, batch in enumerate(dataloader):
+        if max_batches is not None and i >= max_batches:
+            break
+        inputs, labels = split_batch(batch)
+        logits = call_model(model, inputs)
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        total += int(labels.numel())
+    return correct / max(total, 1)
+
+
+def collect_deployables(callbacks: Sequence[Any]) -> dict[str, nn.Module]:
+    """Merge ``deployable_models()`` of every callback that offers it (later stages win on name clashes)."""
+    models: dict[str, nn.Module] = {}
+    for cb in callbacks:
+        fn = getattr(cb, "deployable_models", None)
+        if callable(fn):
+            models.update(fn())
+    return models
+
+
+def build_report(
+    task: Any,
+    datamodule: Any,
+    callbacks: Sequence[Any],
+    options: Mapping[str, Any],
+    *,
+    fp32_model: nn.Module | None = None,
+    fast: bool = False,
+) -> dict[str, Any]:
+    """Measure every variant of the trained model; never raises for a single failed measurement.
+
+    Args:
+        task: the trained LightningModule (its ``.model`` is the float/trained network).
+        datamodule: gives the test loader and ``sample_inputs(1)``.
+        callbacks: all callbacks of all stages (searched for deployables and artifacts).
+        options: ``report`` config (``batch_sizes``, ``latency``, ``memory``, ``repeats``, ``eval_batches``).
+        fp32_model: float model saved before a fine-tuning stage (else ``task.model`` is the fp32 row).
+        fast: ``fast_dev_run`` — two eval batches, one latency repeat.
+
+    Returns:
+        ``{"rows": {variant: {metric: value}}, "artifacts": [...]}``.
+    """
+    batch_sizes = tuple(options.get("batch_sizes", (1, 32)))
+    repeats = 1 if fast else int(options.get("repeats", 10))
+    eval_batches = 2 if fast else options.get("eval_batches")
+    variants: dict[str, nn.Module] = {"fp32": fp32_model if fp32_model is not None else _cpu_copy(task.model)}
+    if fp32_model is not None:
+        variants["trained"] = _cpu_copy(task.model)
+    variants.update(collect_deployables(callbacks))
+
+    datamodule.setup("test")
+    test_loader = datamodule.test_dataloader()
+    example = datamodule.sample_inputs(1)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, model in variants.items():
+        row: dict[str, Any] = {}
+        try:
+            row["test_acc"] = evaluate_accuracy(model, test_loader, eval_batches)
+        except Exception as err:  # a broken variant must not cost the others their row
+            log.warning("accuracy of %s failed: %s", name, err)
+            row["test_acc"] = None
+        row.update(
+            measure_footprint(
+                model, example, batch_sizes=batch_sizes, latency=bool(options.get("latency", True)),
+                memory=bool(options.get("memory", True)), warmup=1 if fast else 3, repeats=repeats,
+            )
+        )
+        rows[name] = row
+    artifacts: list[dict[str, Any]] = []
+    for cb in callbacks:
+        fn = getattr(cb, "artifacts", None)
+        if callable(fn):
+            artifacts.extend(fn())
+    return {"rows": rows, "artifacts": artifacts}
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).cpu().eval()

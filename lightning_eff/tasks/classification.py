@@ -1,0 +1,144 @@
+"""Generic classification task used by every recipe.
+
+It wraps any registered model (or a user's ``nn.Module``) as ``self.model``, the attribute the
+compression callbacks operate on, and works with both batch conventions of
+:mod:`lightning_eff.data`: ``(inputs, labels)`` tuples for images and ``{"labels": ..., **inputs}``
+dicts for text.
+
+Example:
+    >>> task = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1})
+    >>> task(torch.zeros(2, 1, 32, 32)).shape
+    torch.Size([2, 10])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from lightning_eff.models import create_model
+from lightning_eff.validation import check_choice, check_int, check_number
+
+__all__ = ["ClassificationTask", "split_batch"]
+
+OPTIMIZERS = ["sgd", "adamw"]
+SCHEDULERS = ["onecycle", "cosine", "constant"]
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """Return ``(model_inputs, labels)`` for a tuple batch or a dict batch with a ``labels`` key."""
+    if isinstance(batch, dict):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    inputs, labels = batch[0], batch[1]
+    return inputs, labels
+
+
+def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Call ``model`` with a tensor, or with a dict of keyword inputs; unwrap HF-style outputs to logits."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return getattr(out, "logits", out)
+
+
+class ClassificationTask(L.LightningModule):
+    """Cross-entropy classification with torchmetrics accuracy, SGD/AdamW and a one-cycle/cosine schedule.
+
+    Args:
+        model: a registry spec ``{"name": ..., **kwargs}`` (see :func:`lightning_eff.models.create_model`)
+            or an ``nn.Module``.
+        num_classes: number of classes (defaults to ``model["num_classes"]``).
+        optimizer: ``"sgd"`` (Nesterov momentum) or ``"adamw"``.
+        lr: peak learning rate.
+        weight_decay: decoupled for AdamW, L2 for SGD; not applied to norms and biases.
+        momentum: SGD momentum.
+        scheduler: ``"onecycle"`` (warm-up then cosine down, per step), ``"cosine"`` or ``"constant"``.
+        warmup_fraction: fraction of steps spent warming up (one-cycle).
+        label_smoothing: cross-entropy label smoothing.
+
+    Raises:
+        ConfigError: an option outside its valid range or choices.
+    """
+
+    def __init__(
+        self,
+        model: dict | nn.Module,
+        num_classes: int | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        scheduler: str = "onecycle",
+        warmup_fraction: float = 0.15,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_choice("task.optimizer", optimizer, OPTIMIZERS)
+        check_choice("task.scheduler", scheduler, SCHEDULERS)
+        check_number("task.lr", lr, low=0.0, low_inclusive=False, high=10.0)
+        check_number("task.weight_decay", weight_decay, low=0.0, high=1.0)
+        check_number("task.momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+        check_number("task.warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
+        check_number("task.label_smoothing", label_smoothing, low=0.0, high=1.0, high_inclusive=False)
+        if isinstance(model, nn.Module):
+            self.save_hyperparameters(ignore=["model"])
+            self.model = model
+        else:
+            spec = dict(model)
+            self.save_hyperparameters()
+            self.model = create_model(spec.pop("name"), **spec)
+            num_classes = num_classes or spec.get("num_classes")
+        if num_classes is None:
+            raise ValueError("task.num_classes is required when model is an nn.Module")
+        check_int("task.num_classes", num_classes, low=2)
+        self.num_classes = num_classes
+        metric = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.train_acc, self.val_acc, self.test_acc = metric.clone(), metric.clone(), metric.clone()
+
+    def forward(self, inputs: Any) -> torch.Tensor:  # noqa: D102
+        return call_model(self.model, inputs)
+
+    def _step(self, batch: Any, stage: str, metric: torchmetrics.Metric) -> torch.Tensor:
+        inputs, labels = split_batch(batch)
+        logits = self(inputs)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
+        metric.update(logits.detach(), labels)
+        bs = labels.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=bs, sync_dist=stage != "train")
+        self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=bs, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> Any:  # noqa: D102
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.scheduler == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=hp.lr, total_steps=total, pct_start=max(hp.warmup_fraction, 1e-3), anneal_strategy="cos",
+                cycle_momentum=False, div_factor=10.0, final_div_factor=100.0,
+            )
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,48 @@
+"""Shared test fixtures: tiny configs on small slices of the real data."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+WORDNET_DIR = "/usr/share/wordnet"
+
+needs_fmnist = pytest.mark.skipif(
+    not os.path.exists(f"{FMNIST_DIR}/train-images-idx3-ubyte.gz"),
+    reason="Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist",
+)
+needs_wordnet = pytest.mark.skipif(
+    not os.path.exists(f"{WORDNET_DIR}/data.noun"), reason="WordNet not installed: apt-get install -y wordnet-base"
+)
+
+# A config fragment that makes any recipe a few-second run on real data.
+TINY_OVERRIDES = [
+    "++trainer.max_epochs=1",
+    "++trainer.limit_train_batches=3",
+    "++trainer.limit_val_batches=2",
+    "++trainer.limit_test_batches=2",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+    "++data.limit_train=384",
+    "++data.limit_val=128",
+    "++data.limit_test=128",
+    "++data.batch_size=64",
+    "++report.repeats=1",
+    "++report.batch_sizes=[1,4]",
+    "++report.memory=false",
+    "++print_report=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        yield

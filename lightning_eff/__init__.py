@@ -6,7 +6,7 @@ Attach a technique to any LightningModule in one line::
 
 or run a recipe: ``python train.py +recipe=mobilenet_qat``.
 """
-from lightning_eff.callbacks import FootprintMonitor, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_eff.callbacks import Export, FootprintMonitor, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_eff.data import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -26,6 +26,7 @@ __all__ = [
     "ClassificationTask",
     "ConfigError",
     "DataNotFoundError",
+    "Export",
     "ExportUnavailableError",
     "FashionMNISTDataModule",
     "FootprintMonitor",

@@ -48,6 +48,7 @@ TOP_LEVEL_KEYS = {
 }
 FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "scheduler", "warmup_fraction"}
 REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches"}
+ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "error"]
 # Trainer arguments the CLI owns (it builds them from other config groups).
 _TRAINER_RESERVED = {"self", "callbacks", "logger", "plugins"}
 
@@ -268,6 +269,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
         write_results(run_dir / "results.json", {"config": c, **result})
         if c.get("print_report", True):
             print(format_table(report["rows"]))
+            if report["artifacts"]:
+                print(format_table({f"{a['variant']}.{a['format']}": a for a in report["artifacts"]}, columns=ARTIFACT_COLUMNS))
             print(f"results: {run_dir / 'results.json'}")
     return result
 

@@ -138,7 +138,7 @@ class QuantizationAwareTraining(L.Callback):
         self._applied: tuple | None = None
         self._converted: dict[str, nn.Module] = {}
         self._converted_at: int | None = None
-        self._global_step = 0
+        self._trainer: L.Trainer | None = None
 
     @property
     def state_key(self) -> str:  # noqa: D102
@@ -147,6 +147,7 @@ class QuantizationAwareTraining(L.Callback):
     # ---------------------------------------------------------------- surgery
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         _check_precision(trainer, "QuantizationAwareTraining")
+        self._trainer = trainer
         current = target_module(pl_module, self.module_attr)
         if self._prepared is not None and current is self._prepared:
             return  # setup runs again for validate/test: keep the prepared model
@@ -229,8 +230,8 @@ class QuantizationAwareTraining(L.Callback):
 
     # ---------------------------------------------------------------- conversion
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._global_step = trainer.global_step
-        if self.convert_on_fit_end and trainer.is_global_zero:
+        # An Export callback earlier in the list may already have asked for the models at this step.
+        if self.convert_on_fit_end and trainer.is_global_zero and self._converted_at != trainer.global_step:
             self.convert()
 
     def convert(self) -> dict[str, nn.Module]:
@@ -245,7 +246,7 @@ class QuantizationAwareTraining(L.Callback):
             from lightning_eff.compression.quantization.pt2e import convert_pt2e_model
 
             self._converted["qat_int8_xnnpack"] = convert_pt2e_model(copy.deepcopy(self._prepared).cpu())
-        self._converted_at = self._global_step
+        self._converted_at = self._trainer.global_step if self._trainer is not None else None
         return self._converted
 
     def deployable_models(self) -> dict[str, nn.Module]:

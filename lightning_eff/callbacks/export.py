@@ -1,0 +1,220 @@
+"""``Export`` callback: write every deployable variant of the trained model, load it back, verify it.
+
+At the end of fit it collects the trained float network and the int8 models that other callbacks
+offer through ``deployable_models()`` (QAT, PTQ), and writes, per variant and format:
+
+* ``pt`` — TorchScript (float, or FX int8 with the engine recorded in the artifact's metadata);
+* ``ptl`` — lite-interpreter (PyTorch Mobile) program, same metadata;
+* ``pte`` — ExecuTorch program with the XNNPACK delegate: the float model, pt2e-quantized variants,
+  and — when no pt2e variant exists — an int8 program made by pt2e static PTQ of the float model
+  calibrated on training batches (``ptq_int8_xnnpack``). torch.ao/FX int8 models cannot go
+  through ``torch.export``, so they are not lowered to ``.pte`` (logged, not an error);
+* ``onnx`` — optional, float only.
+
+Each file is loaded back and compared with the model it came from on real inputs different from
+the tracing example (top-1 agreement, max error), its bytes and gzip bytes recorded and its
+batch-1 latency measured through the loaded artifact. An export that fails is recorded with its
+error and the run goes on: the trained model and its checkpoints are never touched.
+
+Example:
+    >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(engines=["x86"]), Export(formats=["pt", "ptl"])])
+    >>> trainer.fit(task, datamodule=dm)
+    >>> [a["path"] for a in trainer.callbacks[1].artifacts()]
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_eff.callbacks.common import cpu_copy, example_inputs, model_inputs, target_module, to_cpu
+from lightning_eff.compression.quantization.fx import model_engine
+from lightning_eff.errors import ConfigError
+from lightning_eff.infra import export as ex
+from lightning_eff.infra.footprint import file_bytes, gzip_size, measure_latency
+from lightning_eff.validation import check_bool, check_choice, check_int
+
+__all__ = ["Export", "FORMATS"]
+
+FORMATS = ["pt", "ptl", "pte", "onnx"]
+log = logging.getLogger(__name__)
+
+
+def _is_fake_quant(model: nn.Module) -> bool:
+    return any(hasattr(m, "enable_fake_quant") for m in model.modules())
+
+
+def _is_pt2e_int8(model: nn.Module) -> bool:
+    """A pt2e-converted graph: Q/DQ ops from ``quantized_decomposed`` (FX int8 graphs use torch.quantize_per_*)."""
+    graph = getattr(model, "graph", None)
+    return graph is not None and any(
+        n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes
+    )
+
+
+def _is_int8(model: nn.Module) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_quantized for t in model.state_dict().values()) or any(
+        "quantized" in type(m).__module__ for m in model.modules()
+    )
+
+
+class Export(L.Callback):
+    """Export, reload and verify every deployable model at the end of fit.
+
+    Args:
+        formats: any of ``"pt"``, ``"ptl"``, ``"pte"``, ``"onnx"``.
+        variants: names to export (e.g. ``["fp32", "qat_int8_x86"]``); ``None`` = all.
+        include_float: export the trained float network as variant ``"fp32"`` (skipped
+            automatically while it carries fake-quant modules).
+        int8_pte: for ``pte``, also make ``ptq_int8_xnnpack`` by pt2e PTQ of the float model when
+            no pt2e-quantized variant is offered.
+        calibration_batches: batches for that PTQ.
+        output_dir: where to write; default ``<trainer.default_root_dir>/artifacts``.
+        verify: load back and compare on new inputs.
+        verify_examples: how many real examples the comparison uses.
+        latency: measure the loaded artifact's batch-1 latency.
+        module_attr: attribute of the LightningModule holding the network.
+        strict: raise on the first failed export instead of recording it.
+
+    Raises:
+        ConfigError: unknown format or bad option.
+    """
+
+    def __init__(
+        self,
+        formats: list[str] | None = None,
+        variants: list[str] | None = None,
+        include_float: bool = True,
+        int8_pte: bool = True,
+        calibration_batches: int = 16,
+        output_dir: str | None = None,
+        verify: bool = True,
+        verify_examples: int = 16,
+        latency: bool = True,
+        module_attr: str = "model",
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        formats = ["pt", "ptl", "pte"] if formats is None else list(formats)
+        if not formats:
+            raise ConfigError(f"formats=[] exports nothing; choose from {FORMATS}.")
+        self.formats = [check_choice("formats[]", f, FORMATS) for f in formats]
+        self.variants = None if variants is None else list(variants)
+        self.include_float = check_bool("include_float", include_float)
+        self.int8_pte = check_bool("int8_pte", int8_pte)
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
+        self.output_dir = output_dir
+        self.verify = check_bool("verify", verify)
+        self.verify_examples = check_int("verify_examples", verify_examples, low=2)
+        self.latency = check_bool("latency", latency)
+        self.module_attr = module_attr
+        self.strict = check_bool("strict", strict)
+        self._artifacts: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.is_global_zero:
+            self.export(trainer, pl_module)
+
+    def artifacts(self) -> list[dict[str, Any]]:
+        """One entry per attempted export: variant, format, engine, path, bytes, gzip_bytes, verification, latency or error."""
+        return [dict(a) for a in self._artifacts]
+
+    # ------------------------------------------------------------------ work
+    def _models(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
+        models: dict[str, nn.Module] = {}
+        net = target_module(pl_module, self.module_attr)
+        if self.include_float and not _is_fake_quant(net):
+            models["fp32"] = cpu_copy(net)
+        for cb in trainer.callbacks:
+            fn = getattr(cb, "deployable_models", None)
+            if cb is not self and callable(fn):
+                models.update(fn())
+        if self.variants is not None:
+            unknown = sorted(set(self.variants) - set(models))
+            if unknown:
+                rank_zero_warn(f"Export: variants {unknown} were not produced; available: {sorted(models)}")
+            models = {k: v for k, v in models.items() if k in self.variants}
+        return models
+
+    def _calibration(self, trainer: L.Trainer) -> list[tuple]:
+        """Single examples from the train loader: the ``.pte`` graph has the example's static batch of 1."""
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
+        examples: list[tuple] = []
+        for i, batch in enumerate(loader or []):
+            if i >= self.calibration_batches:
+                break
+            inputs = to_cpu(model_inputs(batch))
+            examples.extend((inputs[j : j + 1],) for j in range(inputs.shape[0]))
+        return examples
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """Export every selected variant in every format; returns the artifact entries."""
+        out_dir = Path(self.output_dir or Path(trainer.default_root_dir) / "artifacts")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        examples = example_inputs(trainer, self.verify_examples + 1)
+        if examples is None:
+            raise ConfigError("Export needs example inputs: give the datamodule a sample_inputs(n) method.")
+        example = examples[:1]
+        # Verification uses real examples other than the tracing example, one at a time for .pte
+        # (static shapes) and as one batch for TorchScript (checks the batch dim is not baked in).
+        verify_single = [examples[i : i + 1] for i in range(1, examples.shape[0])]
+        verify_batch = [examples[1:]]
+        models = self._models(trainer, pl_module)
+        self._artifacts = []
+        for variant, model in models.items():
+            int8 = _is_int8(model)
+            pt2e_q = _is_pt2e_int8(model)
+            for fmt in self.formats:
+                if fmt == "pte" and int8 and not pt2e_q:
+                    log.info("Export: %s is a torch.ao int8 model; torch.export cannot capture it, no .pte", variant)
+                    continue
+                if fmt in ("pt", "ptl", "onnx") and pt2e_q:
+                    continue  # pt2e graphs are for ExecuTorch
+                if fmt == "onnx" and int8:
+                    continue
+                self._export_one(variant, model, fmt, out_dir, example, verify_batch if fmt in ("pt", "ptl") else verify_single)
+        if "pte" in self.formats and self.int8_pte and "fp32" in models and not any(
+            _is_pt2e_int8(m) for m in models.values()
+        ):
+            self._export_one("ptq_int8_xnnpack", models["fp32"], "pte", out_dir, example, verify_single,
+                             int8=True, calibration=self._calibration(trainer))
+        rank_zero_info(f"Export: wrote {sum('path' in a for a in self._artifacts)} artifacts to {out_dir}")
+        return self.artifacts()
+
+    def _export_one(self, variant: str, model: nn.Module, fmt: str, out_dir: Path, example: torch.Tensor,
+                    verify_inputs: list, int8: bool = False, calibration: list | None = None) -> None:
+        engine = model_engine(model) if fmt in ("pt", "ptl") else ("xnnpack" if fmt == "pte" else None)
+        path = out_dir / f"{variant}.{fmt}"
+        entry: dict[str, Any] = {"variant": variant, "format": fmt, "engine": engine}
+        try:
+            # FX int8 graphs are scripted: tracing them turns the (constant) input scale into a
+            # Python float, which the tracer rightly flags; float models are traced.
+            method = "script" if _is_int8(model) else "trace"
+            if fmt == "pt":
+                ex.export_torchscript(model, (example,), path, method=method)
+            elif fmt == "ptl":
+                ex.export_lite(model, (example,), path, method=method)
+            elif fmt == "pte":
+                ex.export_executorch(model, (example,), path, int8=int8, calibration=calibration)
+            else:
+                ex.export_onnx(model, (example,), path)
+            entry.update(path=str(path), bytes=file_bytes(path), gzip_bytes=gzip_size(path))
+            artifact = ex.load_artifact(path)
+            if self.verify:
+                # For int8=True .pte the reference is the float model it was quantized from, so the
+                # figures include the quantization error, not just the export's fidelity.
+                entry.update(ex.verify_artifact(model, artifact, verify_inputs, example_inputs=(example,)))
+            if self.latency:
+                entry["latency_ms_b1"] = measure_latency(artifact, (example,), warmup=3, repeats=20)
+        except Exception as err:  # one failed export must not cost the run (or the other artifacts)
+            if self.strict:
+                raise
+            entry["error"] = f"{type(err).__name__}: {err}"
+            rank_zero_warn(f"Export: {variant} -> .{fmt} failed: {entry['error']}")
+        self._artifacts.append(entry)

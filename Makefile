@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-RECIPE ?= mobilenet_baseline
+RECIPE ?= mobilenet_qat
 EXTRAS ?= dev,export
 APT_PACKAGES := dataset-fashion-mnist wordnet-base
 DATA_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun

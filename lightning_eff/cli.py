@@ -19,7 +19,6 @@ import copy
 import importlib
 import inspect
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -222,12 +221,12 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
     datamodule = build(c["data"], "data")
     datamodule.setup("fit")
     model_spec = dict(c["model"])
-    model_spec.setdefault("num_classes", None)
-    if model_spec.get("num_classes") is None:
+    # Shapes the data decides: classes always, input channels for image models.
+    accepted = model_signature(model_spec["name"]).parameters
+    if model_spec.get("num_classes") is None and "num_classes" in accepted:
         model_spec["num_classes"] = datamodule.num_classes
-    if "in_chans" in inspect.signature(model_signature_fn(model_spec["name"])).parameters and model_spec.get("in_chans") is None:
-        if hasattr(datamodule, "input_shape"):
-            model_spec["in_chans"] = datamodule.input_shape[0]
+    if model_spec.get("in_chans") is None and "in_chans" in accepted and hasattr(datamodule, "input_shape"):
+        model_spec["in_chans"] = datamodule.input_shape[0]
     task = build(c["task"], "task", model=model_spec)
 
     callbacks = _callbacks(c.get("callbacks"), "callbacks")
@@ -273,11 +272,6 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
                 print(format_table({f"{a['variant']}.{a['format']}": a for a in report["artifacts"]}, columns=ARTIFACT_COLUMNS))
             print(f"results: {run_dir / 'results.json'}")
     return result
-
-
-def model_signature_fn(name: str) -> Any:
-    """A callable carrying the signature of model ``name`` (for inspect)."""
-    return _model_factory(name)
 
 
 def _to_float(v: Any) -> Any:

@@ -47,3 +47,136 @@ def phase(step: int, start: int | None, end: int | None = None) -> bool:
     if start is None:
         return False
     return step >= start and (end is None or step < end)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsity schedules (pruning). Each is a pure function of the global step, so a resumed run
+# recomputes the same target; only the masks (which depend on the weights) are saved.
+# --------------------------------------------------------------------------------------------
+__all__ += ["check_sparsity", "constant_sparsity", "polynomial_decay", "rounds_sparsity", "check_sparsity_schedule"]
+
+
+def check_sparsity(name: str, value: float, allow_full: bool = False) -> float:
+    """A sparsity target: a real number in ``[0, 1)`` (``[0, 1]`` with ``allow_full=True``).
+
+    Sparsity 1.0 removes every weight of a layer (a dead network), so it is refused unless asked.
+
+    Raises:
+        ConfigError: not a number (``"0.5"`` is a string), outside the range, or 1.0 without ``allow_full``.
+    """
+    check_number(name, value, low=0.0, high=1.0)
+    if value == 1.0 and not allow_full:
+        raise ConfigError(
+            f"{name}={value!r} would prune every weight (dead layers); use a value below 1.0, "
+            "or pass allow_full=True if that is really intended."
+        )
+    return float(value)
+
+
+def constant_sparsity(step: int, sparsity: float, begin_step: int = 0, end_step: int | None = None) -> float:
+    """``sparsity`` inside ``[begin_step, end_step)``, 0 before (after ``end_step`` the masks stay)."""
+    if step < begin_step:
+        return 0.0
+    return float(sparsity)
+
+
+def polynomial_decay(
+    step: int,
+    initial_sparsity: float,
+    final_sparsity: float,
+    begin_step: int,
+    end_step: int,
+    power: float = 3.0,
+    frequency: int = 1,
+    allow_full: bool = False,
+) -> float:
+    """Gradual pruning schedule of Zhu & Gupta (2017), TF-MOT's ``PolynomialDecay``.
+
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0)) ** power`` for
+    ``t_0 <= t <= t_end``, where ``t`` is rounded down to a multiple of ``frequency`` after
+    ``t_0`` (masks only change every ``frequency`` steps); ``0`` before ``t_0`` and ``s_f`` after
+    ``t_end``. Pruning fast early, while redundancy is high, and slowly near the target.
+
+    Args:
+        step: global step.
+        initial_sparsity: ``s_i`` at ``begin_step``.
+        final_sparsity: ``s_f`` reached at ``end_step``.
+        begin_step: ``t_0``.
+        end_step: ``t_end`` (> ``begin_step``).
+        power: exponent (3 in the paper).
+        frequency: steps between mask updates.
+        allow_full: accept ``final_sparsity=1.0``.
+
+    Raises:
+        ConfigError: a sparsity outside ``[0, 1)``, a decreasing schedule (``final < initial``),
+            ``end_step <= begin_step``, ``power <= 0`` or ``frequency < 1``.
+    """
+    check_sparsity("initial_sparsity", initial_sparsity, allow_full)
+    check_sparsity("final_sparsity", final_sparsity, allow_full)
+    if final_sparsity < initial_sparsity:
+        raise ConfigError(
+            f"decreasing schedule: final_sparsity={final_sparsity} < initial_sparsity={initial_sparsity} "
+            f"(at end_step={end_step} the sparsity would go down); pruned weights cannot come back."
+        )
+    check_int("begin_step", begin_step, low=0)
+    check_int("end_step", end_step, low=begin_step + 1)
+    check_number("power", power, low=0.0, low_inclusive=False)
+    check_int("frequency", frequency, low=1)
+    if step < begin_step:
+        return 0.0
+    t = min(step, end_step)
+    if t < end_step:
+        t = begin_step + ((t - begin_step) // frequency) * frequency
+    progress = (t - begin_step) / (end_step - begin_step)
+    return float(final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power)
+
+
+def rounds_sparsity(step: int, final_sparsity: float, rounds: int, begin_step: int, end_step: int, allow_full: bool = False) -> float:
+    """The survey's Algorithm 1: ``rounds`` rounds of prune-then-fine-tune between begin and end.
+
+    Round ``r`` (``r = 1..rounds``) starts at ``begin_step + (r - 1) * (end_step - begin_step) / rounds``
+    and prunes the same fraction ``p`` of the weights that are still alive, so after ``r`` rounds
+    the sparsity is ``1 - (1 - s_f) ** (r / rounds)`` (iterative magnitude pruning as in Han et
+    al. 2015 and Frankle & Carbin 2019); the steps until the next round fine-tune.
+
+    Raises:
+        ConfigError: bad sparsity, ``rounds < 1`` or ``end_step <= begin_step``.
+    """
+    check_sparsity("final_sparsity", final_sparsity, allow_full)
+    check_int("rounds", rounds, low=1)
+    check_int("begin_step", begin_step, low=0)
+    check_int("end_step", end_step, low=begin_step + 1)
+    if step < begin_step:
+        return 0.0
+    span = (end_step - begin_step) / rounds
+    done = min(rounds, int((step - begin_step) // span) + 1)
+    if final_sparsity == 1.0 and done == rounds:
+        return 1.0
+    return float(1.0 - (1.0 - final_sparsity) ** (done / rounds))
+
+
+def check_sparsity_schedule(steps: list[int], values: list[float], allow_full: bool = False) -> list[tuple[int, float]]:
+    """Validate an explicit schedule ``{steps[i]: values[i]}``: increasing steps, non-decreasing values in [0, 1).
+
+    Raises:
+        ConfigError: lengths differ, a step out of order, or a value that decreases or exceeds
+            the range, naming the offending step.
+    """
+    if len(steps) != len(values) or not steps:
+        raise ConfigError(f"schedule steps {steps} and sparsities {values} must be non-empty lists of equal length.")
+    pairs: list[tuple[int, float]] = []
+    for step, value in zip(steps, values):
+        check_int("schedule step", step, low=0)
+        try:
+            check_sparsity(f"sparsity at step {step}", value, allow_full)
+        except ConfigError as err:
+            raise ConfigError(f"schedule: {err}") from err
+        if pairs and step <= pairs[-1][0]:
+            raise ConfigError(f"schedule: step {step} comes after step {pairs[-1][0]}; steps must increase.")
+        if pairs and value < pairs[-1][1]:
+            raise ConfigError(
+                f"schedule decreases at step {step}: {value} < {pairs[-1][1]} (step {pairs[-1][0]}); "
+                "a sparsity schedule must be non-decreasing."
+            )
+        pairs.append((int(step), float(value)))
+    return pairs

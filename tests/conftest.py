@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast and does not fight other processes
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"

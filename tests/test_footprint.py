@@ -389,9 +389,9 @@ def test_monitor_inputs_from_datamodule_and_dict_batches(tmp_path):
     t.fit(TinyTask(), datamodule=DM())
     assert monitor.report["footprint"]["latency_ms_b2"] > 0 and monitor.report["footprint"]["peak_mem_mb"] is None
     assert "val/acc" in t.callback_metrics and "footprint/params" not in t.callback_metrics
-    from lightning_eff.callbacks.footprint import _model_inputs
+    from lightning_eff.callbacks.common import model_inputs
 
-    assert set(_model_inputs({"input_ids": 1, "labels": 2})) == {"input_ids"}
+    assert set(model_inputs({"input_ids": 1, "labels": 2})) == {"input_ids"}
 
 
 @pytest.mark.parametrize(

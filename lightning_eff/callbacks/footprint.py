@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_eff.callbacks.common import example_inputs, target_module
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import (
     count_nonzero_parameters,
     count_parameters,
     measure_footprint,
-    resize_batch,
     serialize_state_dict,
     write_results,
 )
@@ -152,7 +151,7 @@ class FootprintMonitor(pl.Callback):
         if trainer.sanity_checking or not self.config.log_every_validation:
             return
         try:
-            figures = _cheap_figures(_target(pl_module))
+            figures = _cheap_figures(target_module(pl_module))
         except Exception as err:  # never stop training for a report
             rank_zero_warn(f"FootprintMonitor: could not count parameters ({type(err).__name__}: {err}).")
             return
@@ -190,10 +189,10 @@ class FootprintMonitor(pl.Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
         """Measure the footprint (if the model changed since last time) and merge metrics; False on failure."""
         try:
-            model = _cpu_copy(_target(pl_module))
+            model = _cpu_copy(target_module(pl_module))
             fingerprint = hashlib.sha1(serialize_state_dict(model)).hexdigest() + type(model).__qualname__
             if fingerprint != self._fingerprint or "footprint" not in self.report:
-                inputs = _example_inputs(trainer)
+                inputs = example_inputs(trainer, 1)
                 if inputs is None:
                     rank_zero_warn(
                         "FootprintMonitor: no example inputs (no datamodule.sample_inputs and no dataloader batch);"
@@ -223,12 +222,6 @@ class FootprintMonitor(pl.Callback):
             rank_zero_info(f"FootprintMonitor: wrote {self.path}")
         except OSError as err:
             rank_zero_warn(f"FootprintMonitor: could not write {self.config.filename} in {directory} ({err}).")
-
-
-def _target(pl_module: nn.Module) -> nn.Module:
-    """The network to measure: ``pl_module.model`` when the task wraps one, else the module itself."""
-    model = getattr(pl_module, "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
@@ -270,48 +263,3 @@ def _float_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _model_inputs(batch: Any) -> Any:
-    """Inputs part of a dataloader batch: ``batch[0]`` of a tuple/list, a dict minus its labels."""
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    return batch
-
-
-def _first_batch(loaders: Any) -> Any:
-    if loaders is None:
-        return None
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    return None if loaders is None else next(iter(loaders))
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, Mapping):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def _example_inputs(trainer: pl.Trainer) -> Any:
-    """One example (batch of 1) on CPU: ``datamodule.sample_inputs(1)``, else a dataloader's first batch."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if callable(getattr(datamodule, "sample_inputs", None)):
-        try:
-            return _to_cpu(datamodule.sample_inputs(1))
-        except Exception as err:  # fall back to a dataloader batch
-            log.warning("FootprintMonitor: datamodule.sample_inputs(1) failed (%s); using a dataloader batch", err)
-    for name in ("val_dataloaders", "test_dataloaders", "train_dataloader"):
-        try:
-            batch = _first_batch(getattr(trainer, name))
-        except (StopIteration, TypeError):
-            continue
-        if batch is not None:
-            return resize_batch(_to_cpu(_model_inputs(batch)), 1)
-    return None

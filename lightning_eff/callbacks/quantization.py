@@ -29,7 +29,6 @@ from torch import nn
 
 from lightning_eff.callbacks.common import cpu_copy, example_inputs, model_inputs, set_target_module, target_module
 from lightning_eff.compression.quantization.fx import (
-    ENGINE_ATTR,
     OBSERVERS,
     calibrate,
     convert_fx_model,

@@ -28,8 +28,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -68,18 +70,20 @@ class ExportError(RuntimeError):
 # --------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success ``os.replace`` it onto ``path``, else delete it."""
+    """Yield a temp path next to ``path``; on success ``os.replace`` it onto ``path``, else delete it.
+
+    The temp file sits in a private temp folder in the same directory and has the final file
+    name: TorchScript archives take their root folder name from the file name, and the same
+    filesystem makes ``os.replace`` atomic.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield folder / path.name
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _inputs(example_inputs: Any) -> tuple:
@@ -99,12 +103,25 @@ def _is_quantized(model: Any) -> bool:
     return False
 
 
+def _warn_if_fake_quant(model: Any) -> None:
+    """A prepared (fake-quant) model exports as a *float* model with extra ops: usually a mistake."""
+    if isinstance(model, nn.Module) and any(hasattr(m, "fake_quant_enabled") for m in model.modules()):
+        warnings.warn(
+            "exporting a model that still holds fake-quant modules (a prepared QAT model): the artifact computes in "
+            "float and is slower than the float model; export convert_fx_model(prepared) for int8.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _engine_of(model: Any, engine: str | None) -> str | None:
     from lightning_eff.compression.quantization.preflight import check_engine
 
     if engine is not None:
         return check_engine(engine)
-    recorded = getattr(model, "_lightning_eff_engine", None)
+    from lightning_eff.compression.quantization.fx import model_engine
+
+    recorded = model_engine(model)
     if recorded is not None:
         return recorded
     return torch.backends.quantized.engine if _is_quantized(model) else None
@@ -145,6 +162,16 @@ def _eval_mode(model: Any) -> Iterator[None]:
             _set_mode(model, True)
 
 
+def _resolve_method(model: Any, method: str) -> str:
+    check_choice("method", method, ["auto", "trace", "script"])
+    if method != "auto":
+        return method
+    # An FX GraphModule is already a static graph (FX refused data-dependent control flow), and
+    # its int8 ops take scale/zero-point buffers as Python floats, which tracing would report as
+    # "Converting a tensor to a Python float" for every op: script it. Everything else: trace.
+    return "script" if isinstance(model, torch.fx.GraphModule) else "trace"
+
+
 def _to_script(model: nn.Module, inputs: tuple, method: str) -> torch.jit.ScriptModule:
     """Script or trace with trace warnings turned into errors (a warning means a baked-in branch)."""
     if isinstance(model, torch.jit.ScriptModule):
@@ -154,18 +181,25 @@ def _to_script(model: nn.Module, inputs: tuple, method: str) -> torch.jit.Script
             return torch.jit.script(model)
         except Exception as err:
             raise ExportError(f"torch.jit.script failed: {type(err).__name__}: {err}. Try method='trace'.") from err
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", torch.jit.TracerWarning)
+    # Record instead of filterwarnings("error"): a warning raised inside the C++ tracer surfaces
+    # as an opaque SystemError, while a recorded one keeps its message.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         try:
             with torch.no_grad():
-                return torch.jit.trace(model, inputs, check_trace=True)
-        except torch.jit.TracerWarning as err:
-            raise ExportError(
-                f"tracing is not faithful: {err}. The traced graph would silently hard-code this value or branch; "
-                "make the code trace-friendly, use method='script', or export with ExecuTorch (torch.export)."
-            ) from err
+                traced = torch.jit.trace(model, inputs, check_trace=True)
         except Exception as err:
             raise ExportError(f"torch.jit.trace failed: {type(err).__name__}: {err}") from err
+    tracer_warnings = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    for w in caught:  # pass the others on
+        if w not in tracer_warnings:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if tracer_warnings:
+        raise ExportError(
+            f"tracing is not faithful: {tracer_warnings[0].message}. The traced graph would silently hard-code this "
+            "value or branch; make the code trace-friendly, use method='script', or export with ExecuTorch (torch.export)."
+        )
+    return traced
 
 
 # ---------------------------------------------------------------------------------- TorchScript
@@ -174,7 +208,7 @@ def export_torchscript(
     example_inputs: Any,
     path: str | os.PathLike,
     *,
-    method: str = "trace",
+    method: str = "auto",
     engine: str | None = None,
 ) -> Path:
     """Save ``model`` as TorchScript (``torch.jit.save``) with engine metadata; atomic.
@@ -183,8 +217,10 @@ def export_torchscript(
         model: float or int8 (FX-converted) model; exported in eval mode, mode restored after.
         example_inputs: tensor or tuple used to trace (and recorded in metadata).
         path: target file (``.pt``).
-        method: ``"trace"`` (default; warnings are errors, ``check_trace`` re-runs and
-            compares) or ``"script"``.
+        method: ``"trace"`` (trace warnings are errors, ``check_trace`` re-runs and
+            compares), ``"script"``, or ``"auto"`` (default: script FX ``GraphModule`` s, i.e.
+            models from ``convert_fx_model``, whose int8 ops would raise spurious trace
+            warnings about their constant scales; trace everything else).
         engine: quantized engine to record; default the one stored on the model by
             ``convert_fx_model``, or the current engine for other quantized models.
 
@@ -194,9 +230,10 @@ def export_torchscript(
     Raises:
         ConfigError: bad option. ExportError: tracing/scripting failed or was unfaithful.
     """
-    check_choice("method", method, ["trace", "script"])
+    method = _resolve_method(model, method)
     inputs = _inputs(example_inputs)
     engine = _engine_of(model, engine)
+    _warn_if_fake_quant(model)
     from lightning_eff.compression.quantization.preflight import quantized_engine
 
     meta = _metadata("torchscript", inputs, engine, method=method, quantized=_is_quantized(model))
@@ -218,7 +255,7 @@ def export_lite(
     path: str | os.PathLike,
     *,
     engine: str | None = None,
-    method: str = "trace",
+    method: str = "auto",
     optimize: bool = False,
 ) -> Path:
     """Save for PyTorch Mobile's lite interpreter (``.ptl``) with engine metadata; atomic.
@@ -234,7 +271,7 @@ def export_lite(
         ExportError: tracing failed.
     """
     check_bool("optimize", optimize)
-    check_choice("method", method, ["trace", "script"])
+    method = _resolve_method(model, method)
     if optimize and not mobile_optimizer_available():
         raise ExportUnavailableError(
             "optimize_for_mobile needs XNNPACK, and this torch build has it disabled "
@@ -243,6 +280,7 @@ def export_lite(
         )
     inputs = _inputs(example_inputs)
     engine = _engine_of(model, engine)
+    _warn_if_fake_quant(model)
     from lightning_eff.compression.quantization.preflight import quantized_engine
 
     meta = _metadata("lite", inputs, engine, method=method, quantized=_is_quantized(model), optimized=optimize)
@@ -345,7 +383,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     """
     try:
         import onnx
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+
+        importlib.import_module("onnxscript")  # the dynamo exporter needs it
     except ImportError as err:
         raise ExportUnavailableError(f"ONNX export needs onnx and onnxscript ({err}); pip install onnx onnxscript.") from err
     inputs = _inputs(example_inputs)

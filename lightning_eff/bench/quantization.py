@@ -1,0 +1,261 @@
+"""``python -m lightning_eff.bench quantization [--quick]``: generic int8 path vs torchvision's hand-fused model.
+
+Question: does our *generic* QAT path (any conv net, timm included: fuse -> prepare_qat_fx ->
+QAT steps -> convert) give an int8 model as fast and as small as torchvision's hand-written
+quantizable MobileNetV2 (its own ``fuse_model`` + eager ``prepare_qat`` + ``convert``)?
+
+Measured side by side in one process, same engine, fixed threads, warm-up, median over
+interleaved rounds (neighbour processes slow down every variant alike):
+
+* x86: our timm ``mobilenetv2_100`` int8 TorchScript vs torchvision's int8 TorchScript
+  (latency and file bytes), and vs our fp32 eager model / fp32 TorchScript bytes;
+* qnnpack: our int8 vs fp32 eager;
+* ExecuTorch (XNNPACK): pt2e int8 ``.pte`` vs fp32 ``.pte``;
+* QAT training-step overhead (QAT step time / fp32 step time);
+* the same generic path on timm ``mobilenetv3_large_100``, ``efficientnet_b0``, ``resnet18``
+  (convert, export, verify on perturbed inputs; latency / bytes ratios).
+
+Models are randomly initialised (no downloads); QAT runs a few steps on random data, enough
+for observers and BN statistics, not for accuracy. Latency and size do not depend on weights.
+
+On a shared 2-core machine, ``--threads 2`` measures the neighbours more than the models (one
+busy neighbour made fp32 eager MobileNetV2 take 2.1 s instead of 21 ms: OpenMP threads spin
+against each other); the JSON records the load average before and after, and ``--threads 1``
+gives stable ratios there.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_eff.bench.common import bench_parser, set_threads, write_bench
+from lightning_eff.compression.quantization.fx import (
+    convert_fx_model,
+    prepare_qat_fx_model,
+    quantized_engine,
+)
+from lightning_eff.infra.export import export_torchscript, load_artifact, perturbed_inputs, verify_artifact
+from lightning_eff.infra.footprint import file_bytes, measure_latency
+
+__all__ = ["main"]
+
+TARGETS = {
+    "x86_latency_vs_torchvision": 1.1,
+    "x86_bytes_vs_torchvision": 1.05,
+    "x86_latency_vs_fp32": 0.2,
+    "int8_bytes_vs_fp32": 0.27,
+    "qnnpack_latency_vs_fp32": 0.6,
+    "executorch_int8_vs_fp32": 0.8,
+}
+OTHER_ARCHS = ("mobilenetv3_large_100", "efficientnet_b0", "resnet18")
+
+
+def _timm(arch: str) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, num_classes=1000)
+
+
+def _qat_steps(prepared: nn.Module, size: int, steps: int, batch: int) -> None:
+    """A few SGD steps on random images: observers and BN statistics see realistic traffic."""
+    prepared.train()
+    opt = torch.optim.SGD(prepared.parameters(), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(batch, 3, size, size, generator=gen)
+        y = torch.randint(0, 1000, (batch,), generator=gen)
+        loss = nn.functional.cross_entropy(prepared(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared.eval()
+
+
+def _interleaved(variants: dict[str, tuple[Callable, str | None]], x: torch.Tensor, rounds: int, repeats: int, threads: int) -> dict[str, float]:
+    """Median of per-round medians, variants interleaved round by round (fair under load)."""
+    per: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (fn, engine) in variants.items():
+            with quantized_engine(engine):
+                per[name].append(measure_latency(fn, (x,), warmup=2, repeats=repeats, threads=threads))
+    return {k: round(statistics.median(v), 3) for k, v in per.items()}
+
+
+def _torchvision_int8(x: torch.Tensor, size: int, steps: int, batch: int) -> nn.Module:
+    """torchvision's hand-fused quantizable MobileNetV2 through its own eager QAT flow."""
+    from torchvision.models.quantization import mobilenet_v2
+
+    torch.manual_seed(0)
+    model = mobilenet_v2(weights=None, quantize=False)
+    model.train()
+    model.fuse_model(is_qat=True)
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    with quantized_engine("x86"):
+        torch.ao.quantization.prepare_qat(model, inplace=True)
+        _qat_steps(model, size, steps, batch)
+        return torch.ao.quantization.convert(model.eval())
+
+
+def _step_time(model: nn.Module, batch: int, size: int, steps: int) -> float:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:  # the first step pays for lazy initialisation
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _executorch(float_model: nn.Module, x: torch.Tensor, folder: Path, rounds: int, repeats: int, threads: int) -> dict[str, Any]:
+    from lightning_eff.infra.export import export_executorch
+
+    fp32 = export_executorch(float_model, (x,), folder / "fp32.pte")
+    calib = [x] + [b[0] for b in perturbed_inputs(x, 3, seed=11)]
+    int8 = export_executorch(float_model, (x,), folder / "int8.pte", int8=True, calibration=calib)
+    arts = {"fp32": load_artifact(fp32), "int8": load_artifact(int8)}
+    lat = _interleaved({k: (a, None) for k, a in arts.items()}, x, rounds, repeats, threads)
+    check = verify_artifact(float_model, arts["int8"], perturbed_inputs(x, 2, seed=5))
+    return {
+        "fp32_ms": lat["fp32"], "int8_ms": lat["int8"],
+        "fp32_bytes": file_bytes(fp32), "int8_bytes": file_bytes(int8),
+        "int8_vs_fp32": round(lat["int8"] / lat["fp32"], 3),
+        "int8_top1_agreement_vs_float": check["top1_agreement"],
+    }
+
+
+def _generic(arch: str, size: int, steps: int, batch: int, folder: Path, rounds: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Our generic path on another timm architecture: ratios plus an export verification."""
+    model = _timm(arch).eval()
+    x = torch.randn(1, 3, size, size)
+    prepared = prepare_qat_fx_model(model, (x,), engine="x86")
+    _qat_steps(prepared, size, steps, batch)
+    int8 = convert_fx_model(prepared)
+    path = export_torchscript(int8, (x,), folder / f"{arch}_int8.pt")
+    fp32_path = export_torchscript(model, (x,), folder / f"{arch}_fp32.pt")
+    art = load_artifact(path)
+    batches = perturbed_inputs(x, 2, seed=3) + [(torch.randn(2, 3, size, size),)]
+    exact = verify_artifact(int8, art, batches, example_inputs=(x,))
+    lat = _interleaved({"fp32_eager": (model, None), "int8": (art, "x86")}, x, rounds, repeats, threads)
+    return {
+        "input": size,
+        "fp32_eager_ms": lat["fp32_eager"], "int8_ms": lat["int8"],
+        "latency_vs_fp32": round(lat["int8"] / lat["fp32_eager"], 3),
+        "fp32_bytes": file_bytes(fp32_path), "int8_bytes": file_bytes(path),
+        "bytes_vs_fp32": round(file_bytes(path) / file_bytes(fp32_path), 3),
+        "artifact_max_abs_err_vs_int8_eager": exact["max_abs_err"],
+        "artifact_top1_agreement": exact["top1_agreement"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; return the ``RESULT`` dict (also written to ``bench_results/quantization.json``)."""
+    parser = bench_parser("quantization", __doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224, help="input resolution for the MobileNetV2 comparison")
+    parser.add_argument("--skip-executorch", action="store_true", help="skip the ExecuTorch .pte comparison")
+    parser.add_argument("--skip-archs", action="store_true", help="skip the other timm architectures")
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(quantize_per_tensor|reduce_range|_empty_affine).*")
+    quick = args.quick
+    size = args.size
+    rounds, repeats = (3, 5) if quick else (5, 10)
+    qat_steps, qat_batch = (2, 2) if quick else (4, 8)
+    step_batch, step_size, step_n = (8, 112, 2) if quick else (16, 224, 3)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    details: dict[str, Any] = {"load_average_before": list(os.getloadavg()), "settings": {
+        "quick": quick, "size": size, "threads": threads, "rounds": rounds, "repeats": repeats,
+        "qat_steps": qat_steps, "qat_batch": qat_batch, "targets": TARGETS,
+    }}
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 1)
+        clock = now
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        # ---- ours: timm mobilenetv2_100 through the generic path, x86 and qnnpack
+        model = _timm("mobilenetv2_100").eval()
+        ours = {}
+        for engine in ("x86", "qnnpack"):
+            prepared = prepare_qat_fx_model(model, (x,), engine=engine)
+            _qat_steps(prepared, size, qat_steps, qat_batch)
+            int8 = convert_fx_model(prepared)
+            ours[engine] = export_torchscript(int8, (x,), folder / f"ours_{engine}.pt")
+            if engine == "x86":
+                check = verify_artifact(int8, load_artifact(ours[engine]), perturbed_inputs(x, 2), example_inputs=(x,))
+                details["ours_x86_artifact_max_abs_err"] = check["max_abs_err"]
+        lap("ours_prepare_qat_convert_export")
+        fp32_ts = export_torchscript(model, (x,), folder / "fp32.pt")
+        tv_int8 = _torchvision_int8(x, size, qat_steps, qat_batch)
+        # Same export method for both: script (tracing either int8 model warns about its constant scales).
+        tv_path = export_torchscript(tv_int8, (x,), folder / "torchvision_x86.pt", method="script")
+        variants = {
+            "fp32_eager": (model, None),
+            "ours_x86": (load_artifact(ours["x86"]), "x86"),
+            "torchvision_x86": (load_artifact(tv_path), "x86"),
+            "ours_qnnpack": (load_artifact(ours["qnnpack"]), "qnnpack"),
+        }
+        lap("torchvision_qat_convert_export")
+        lat = _interleaved(variants, x, rounds, repeats, threads)
+        lap("latency")
+        sizes = {"fp32_torchscript": file_bytes(fp32_ts), "ours_x86": file_bytes(ours["x86"]),
+                 "torchvision_x86": file_bytes(tv_path), "ours_qnnpack": file_bytes(ours["qnnpack"])}
+        details["mobilenetv2_latency_ms"] = lat
+        details["mobilenetv2_bytes"] = sizes
+        # ---- QAT step overhead
+        fp32_step = _step_time(copy.deepcopy(model), step_batch, step_size, step_n)
+        qat_model = prepare_qat_fx_model(model, (torch.randn(1, 3, step_size, step_size),), engine="x86")
+        qat_step = _step_time(qat_model, step_batch, step_size, step_n)
+        lap("qat_step_overhead")
+        details["train_step_s"] = {"fp32": round(fp32_step, 4), "qat": round(qat_step, 4), "batch": step_batch, "size": step_size}
+        # ---- ExecuTorch
+        if not args.skip_executorch:
+            et_size = size
+            et_x = torch.randn(1, 3, et_size, et_size, generator=torch.Generator().manual_seed(1))
+            details["executorch"] = _executorch(model, et_x, folder, rounds, repeats, threads)
+            details["executorch"]["input"] = et_size
+            lap("executorch")
+        # ---- other architectures through the same generic path
+        if not (args.skip_archs or quick):
+            details["other_archs"] = {
+                arch: _generic(arch, size, qat_steps, qat_batch, folder, rounds, repeats, threads) for arch in OTHER_ARCHS
+            }
+    lap("other_archs")
+    details["wall_s"] = timings
+    details["load_average_after"] = list(os.getloadavg())
+    result = {
+        "x86_latency_vs_torchvision": lat["ours_x86"] / lat["torchvision_x86"],
+        "x86_bytes_vs_torchvision": sizes["ours_x86"] / sizes["torchvision_x86"],
+        "x86_latency_vs_fp32": lat["ours_x86"] / lat["fp32_eager"],
+        "int8_bytes_vs_fp32": sizes["ours_x86"] / sizes["fp32_torchscript"],
+        "qnnpack_latency_vs_fp32": lat["ours_qnnpack"] / lat["fp32_eager"],
+        "executorch_int8_vs_fp32": details.get("executorch", {}).get("int8_vs_fp32"),
+        "qat_step_overhead": qat_step / fp32_step,
+    }
+    details["targets_met"] = {k: (result[k] is not None and result[k] <= t) for k, t in TARGETS.items()}
+    write_bench("quantization", details, result, out_dir=args.out)
+    return result

@@ -1,0 +1,1 @@
+"""Learning techniques: distillation, augmentation, classical baselines."""

@@ -1,0 +1,8 @@
+"""Import the efficient-architecture modules so their models register themselves.
+
+``lightning_eff.models`` imports this module; it registers ``pqrnn``, ``pqrnn_tiny``,
+``prado``, ``prado_tiny``, ``lstm``, ``bert_teacher``, ``bert_tiny`` and ``plain_cnn``.
+"""
+from lightning_eff.models import baselines, pqrnn, prado  # noqa: F401
+
+__all__: list[str] = []

@@ -1,0 +1,282 @@
+"""FX quantization core: fusion equivalence, fold_conv_bn, prepare/convert per engine, SQNR gate, pre-flight."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.layers.norm_act import BatchNormAct2d
+from torch import nn
+
+from lightning_eff.compression.quantization.fusion import fold_conv_bn, fuse_for_quantization, split_norm_act
+from lightning_eff.compression.quantization.fx import (
+    build_qconfig_mapping,
+    calibrate,
+    convert_fx_model,
+    dynamic_quantize,
+    freeze_bn_stats,
+    model_engine,
+    prepare_ptq_fx_model,
+    prepare_qat_fx_model,
+    quantized_engine,
+    set_fake_quant,
+    set_observers,
+    sqnr_db,
+    supported_engines,
+)
+from lightning_eff.compression.quantization.preflight import check_engine, check_quantizable
+from lightning_eff.errors import ConfigError, NoEffectWarning
+from lightning_eff.models import create_model
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine the OpenMP
+    threads spin against the neighbours (measured: this file 112 s at 2 threads, see report)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def _warm_bn(model: nn.Module, shape, steps: int = 3) -> nn.Module:
+    """Give BN layers non-trivial running statistics (random init has mean 0 / var 1)."""
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(*shape, generator=gen) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_timm():
+    torch.manual_seed(0)
+    return _warm_bn(create_model("mobilenetv2_tiny"), (8, 1, 32, 32))
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+# ----------------------------------------------------------------------------------- fusion
+def test_fusion_equivalence_keeps_outputs(tiny_timm):
+    x = torch.randn(4, 1, 32, 32)
+    fused = fuse_for_quantization(tiny_timm, relu6="keep", example_inputs=(x,))
+    assert fused is not tiny_timm
+    assert not any(isinstance(m, BatchNormAct2d) for m in fused.modules())
+    assert any(isinstance(m, BatchNormAct2d) for m in tiny_timm.modules())  # original untouched
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), tiny_timm(x), atol=1e-6, rtol=1e-5)
+        # train mode too: same batch statistics, same running-stat updates
+        a, b = copy.deepcopy(tiny_timm).train(), copy.deepcopy(fused).train()
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_relu6_option(tiny_timm):
+    relu = fuse_for_quantization(tiny_timm, relu6="relu", check=False)
+    keep = fuse_for_quantization(tiny_timm, relu6="keep", check=False)
+    assert not any(isinstance(m, nn.ReLU6) for m in relu.modules())
+    assert sum(isinstance(m, nn.ReLU6) for m in keep.modules()) == sum(isinstance(m, nn.ReLU6) for m in tiny_timm.modules()) > 0
+    with pytest.raises(ConfigError, match="relu6"):
+        fuse_for_quantization(tiny_timm, relu6="clip")
+
+
+def test_wrong_rewrite_raises_naming_the_group(tiny_timm):
+    def drops_activation(module):  # a deliberately wrong rule: loses the ReLU6
+        seq = split_norm_act(module)
+        return seq.bn if isinstance(seq, nn.Sequential) else seq
+
+    with pytest.raises(ConfigError, match=r"module group 'bn1'.*BatchNormAct2d"):
+        fuse_for_quantization(tiny_timm, relu6="keep", rewrites={BatchNormAct2d: drops_activation})
+
+
+def test_fold_conv_bn_exact():
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(4, 8, 3, groups=2, bias=False), nn.Conv2d(8, 8, 3, groups=8), nn.Conv1d(3, 6, 5)):
+        bn = (nn.BatchNorm1d if isinstance(conv, nn.Conv1d) else nn.BatchNorm2d)(conv.out_channels)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 3)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+        bn.eval()
+        x = torch.randn(2, conv.in_channels, *([9] * (conv.weight.dim() - 2)))
+        folded = fold_conv_bn(conv, bn)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), bn(conv(x)), atol=2e-6, rtol=1e-5)
+        assert folded.bias is not None and conv.weight is not folded.weight
+    with pytest.raises(ConfigError, match="num_features"):
+        fold_conv_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
+
+
+# ---------------------------------------------------------------------------- prepare/convert
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_qat_prepare_convert_and_prepared_stays_trainable(tiny_timm, engine):
+    x = torch.randn(2, 1, 16, 16)
+    prepared = prepare_qat_fx_model(tiny_timm, (x,), engine=engine)
+    assert not prepared.training  # keeps the input model's mode (the fixture is in eval mode)
+    prepared.train()
+    # the fix for timm: every BN is fused with its conv (no standalone BN left)
+    called = [type(prepared.get_submodule(n.target)) for n in prepared.graph.nodes if n.op == "call_module"]
+    assert nn.BatchNorm2d not in called and not any(n.target is torch.nn.functional.batch_norm for n in prepared.graph.nodes)
+    assert any(type(m).__name__ == "ConvBnReLU2d" for m in prepared.modules())
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = prepared(torch.randn(2, 1, 16, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    int8 = convert_fx_model(prepared)
+    assert prepared.training and int8 is not prepared
+    assert any("quantized" in type(m).__module__ for m in int8.modules())
+    with quantized_engine(engine):
+        out = int8(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    # a training step after convert still works on the prepared model (Lightning #7427)
+    before = [p.detach().clone() for p in prepared.parameters()]
+    loss = prepared(x).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, prepared.parameters()))
+
+
+@pytest.mark.parametrize("engine", supported_engines())
+def test_sqnr_gate_every_engine(engine):
+    model = _warm_bn(_tiny_cnn(), (16, 3, 16, 16))
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 3, 16, 16, generator=gen) * 2 + 0.5 for _ in range(4)]
+    prepared = prepare_ptq_fx_model(model, data[0], engine=engine, observer="minmax")
+    assert calibrate(prepared, data) == 4
+    int8 = convert_fx_model(prepared)
+    x = torch.randn(8, 3, 16, 16, generator=gen) * 2 + 0.5
+    with quantized_engine(engine), torch.no_grad():
+        quality = sqnr_db(model(x), int8(x))
+    # qnnpack included: its int8 ReLU6 on channels-last tensors needs our work-around
+    assert quality > 30, f"{engine}: SQNR {quality:.1f} dB"
+
+
+def test_engine_typo_did_you_mean(tiny_timm):
+    with pytest.raises(ConfigError, match="Did you mean 'qnnpack'"):
+        check_engine("qnnpak")
+    with pytest.raises(ConfigError, match="engine='qnnpak'.*Did you mean 'qnnpack'"):
+        prepare_qat_fx_model(tiny_timm, torch.randn(1, 1, 32, 32), engine="qnnpak")
+    with pytest.raises(ConfigError, match="observer"):
+        prepare_qat_fx_model(tiny_timm, torch.randn(1, 1, 32, 32), observer="minmx")
+
+
+def test_engine_context_restores():
+    before = torch.backends.quantized.engine
+    other = next(e for e in supported_engines() if e != before)
+    with quantized_engine(other):
+        assert torch.backends.quantized.engine == other
+    assert torch.backends.quantized.engine == before
+
+
+# --------------------------------------------------------------------------------- pre-flight
+class _Branchy(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+class _NeedsBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.gate = _Branchy()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_preflight_names_untraceable_module():
+    with pytest.raises(ConfigError, match=r"tracing module 'gate' \(_Branchy\)"):
+        check_quantizable(_NeedsBranch(), torch.randn(1, 1, 8, 8), "x86")
+
+
+def test_preflight_embedding_qconfig():
+    from torch.ao.quantization import get_default_qconfig_mapping
+
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(24, 2))
+    tokens = torch.randint(0, 20, (2, 3))
+    with pytest.raises(ConfigError, match=r"module '0' \(Embedding\).*weight-only"):
+        check_quantizable(model, tokens, "x86", qconfig_mapping=get_default_qconfig_mapping("x86"))
+    report = check_quantizable(model, tokens, "x86", qconfig_mapping=build_qconfig_mapping("x86", qat=False))
+    assert report["embeddings"] == ["0"]
+
+
+# ------------------------------------------------------------------------------------ switches
+def test_switches_freeze_observers_and_fake_quant(tiny_timm):
+    x = torch.randn(2, 1, 16, 16)
+    prepared = prepare_qat_fx_model(tiny_timm, (x,), engine="x86")
+    prepared.train()
+    prepared(x)  # observe once, then freeze everything
+    assert freeze_bn_stats(prepared) > 0
+    conv_bn = next(m for m in prepared.modules() if type(m).__name__ == "ConvBnReLU2d")
+    stats = conv_bn.bn.running_mean.clone()
+    assert set_observers(prepared, False) > 0
+    fq = next(m for m in prepared.modules() if hasattr(m, "scale") and hasattr(m, "disable_observer"))
+    scale = fq.scale.clone()
+    prepared(torch.randn(2, 1, 16, 16) * 5)
+    assert torch.equal(conv_bn.bn.running_mean, stats) and torch.equal(fq.scale, scale)
+    assert set_fake_quant(prepared, False) > 0
+    assert int(fq.fake_quant_enabled[0]) == 0
+    with pytest.warns(NoEffectWarning):
+        set_fake_quant(nn.Linear(2, 2), True)
+
+
+def test_dynamic_quantize_text_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    q = dynamic_quantize(model)
+    assert type(q[0]).__module__.startswith("torch.ao.nn.quantized.dynamic") and type(model[0]) is nn.Linear
+    x = torch.randn(8, 16)
+    assert sqnr_db(model(x), q(x)) > 25
+    with pytest.raises(ConfigError, match="dtypes"):
+        dynamic_quantize(model, dtypes=("Linear",))
+
+
+def test_qat_with_zero_init_bn_is_finite():
+    model = _tiny_cnn()
+    nn.init.zeros_(model[4].weight)  # zero-init residual style: torch's ConvBn QAT computes 0/0
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.warns(UserWarning, match="exactly 0"):
+        prepared = prepare_qat_fx_model(model, x)
+    prepared.train()
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for _ in range(2):
+        out = prepared(x)
+        assert torch.isfinite(out).all()
+        opt.zero_grad()
+        out.square().mean().backward()
+        opt.step()
+    assert model[4].weight.abs().sum() == 0  # the user's model is untouched
+
+
+def test_engine_survives_deepcopy():
+    x = torch.randn(2, 3, 16, 16)
+    prepared = prepare_ptq_fx_model(_tiny_cnn().eval(), x, engine="qnnpack", observer="minmax")
+    calibrate(prepared, [x])
+    int8 = convert_fx_model(copy.deepcopy(prepared))
+    assert model_engine(copy.deepcopy(int8)) == "qnnpack" == model_engine(int8)
+
+
+def test_sqnr_reference_values():
+    ref = torch.ones(100)
+    assert sqnr_db(ref, ref.clone()) == float("inf")
+    assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
+    with pytest.raises(ConfigError, match="shapes differ"):
+        sqnr_db(ref, torch.ones(10))
+
+
+def test_calibrate_without_batches_refused():
+    model = _tiny_cnn().eval()
+    prepared = prepare_ptq_fx_model(model, torch.randn(2, 3, 16, 16), observer="minmax")
+    with pytest.raises(ConfigError, match="no batches"):
+        calibrate(prepared, [])

@@ -6,7 +6,8 @@ Attach a technique to any LightningModule in one line::
 
 or run a recipe: ``python train.py +recipe=mobilenet_qat``.
 """
-from lightning_eff.callbacks import Export, FootprintMonitor, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_eff.callbacks import Export, FootprintMonitor, PostTrainingQuantization, Pruning, QuantizationAwareTraining
+from lightning_eff.compression.pruning import load_sparse, prune, prune_channels, save_sparse
 from lightning_eff.data import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -33,6 +34,7 @@ __all__ = [
     "ImageFolderDataModule",
     "NoEffectWarning",
     "PostTrainingQuantization",
+    "Pruning",
     "QuantizationAwareTraining",
     "TextFileDataModule",
     "WordNetSupersenseDataModule",
@@ -41,6 +43,10 @@ __all__ = [
     "count_parameters",
     "create_model",
     "list_models",
+    "load_sparse",
+    "prune",
+    "prune_channels",
+    "save_sparse",
     "measure_footprint",
     "measure_latency",
     "register_model",

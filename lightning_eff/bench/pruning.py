@@ -1,0 +1,376 @@
+"""Pruning benchmark: ``python -m lightning_eff.bench pruning [--quick] [--table1]``.
+
+Measures, in one process with a fixed thread count:
+
+(a) **step-time overhead** of pruning during training, on MobileNetV2 width 0.5, 1×32×32 inputs,
+    batch 64: a plain step, a step with our masks at 75% (gradient masking before, weight masking
+    after the optimizer step, plus one global mask update amortized every 50 steps as in the
+    recipe), and a step with the reparametrization Lightning's ``ModelPruning`` applies
+    (``torch.nn.utils.prune``: a forward pre-hook recomputes ``weight_orig * weight_mask``), the
+    three *alternated step by step* so that a neighbour process slows them alike; ratios of the
+    medians. ``--lightning-runs`` adds whole interleaved ``Trainer.fit`` runs of the three callbacks
+    (same model and data), which include Lightning's own per-step cost but are noisy on shared CPUs;
+(b) **structured 50%**: MobileNetV2 (width 1.0, 3×224×224) with half of the expansion channels
+    of every block and of the head removed (:func:`prune_channels`); CPU latency at batch 1 and 32
+    relative to dense (calls interleaved; ratio of the minimum times, medians in the JSON);
+(c) **sparse artifact**: bytes of the bitmask artifact of a 90%-sparse MobileNetV2 (width 1.0,
+    global magnitude) relative to the dense ``torch.save`` state_dict; also int8 values, gzip, and
+    the latency of the 90%-sparse model relative to dense (unstructured sparsity buys none on CPU).
+
+``--table1`` adds the survey's Table 1 analog on Fashion-MNIST: test accuracy at 0/50/75/90%
+unstructured (polynomial schedule) and 50% channels, ours vs ``ModelPruning`` at the same final
+sparsity and budget (``--epochs``, ``--train-examples``). Expensive: run it on an idle machine.
+
+Final line: ``RESULT step_overhead=<r> overhead_vs_modelpruning=<r> structured50_latency_b1=<r>
+structured50_latency_b32=<r> sparse90_bytes=<r>``.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_eff.bench.common import bench_parser, set_threads, write_bench
+from lightning_eff.callbacks.pruning import Pruning
+from lightning_eff.compression.pruning import prune, prune_channels, sparse_state_dict
+from lightning_eff.compression.pruning.sparse_format import serialize_sparse
+from lightning_eff.infra.footprint import count_parameters, gzip_size
+from lightning_eff.models import create_model
+from lightning_eff.schedules import polynomial_decay
+
+SMALL = dict(width=0.5, num_classes=10, in_chans=1, small_input_stages=1)
+LARGE = dict(width=1.0, num_classes=1000, in_chans=3, small_input_stages=0)
+
+
+class _Task(L.LightningModule):
+    def __init__(self, model: nn.Module, lr: float = 0.05):
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-5)
+
+
+class _StepTimer(L.Callback):
+    """Wall-clock between consecutive batch starts (and to the end of training), after a warm-up."""
+
+    def __init__(self, skip: int = 2):
+        self.skip, self.stamps = skip, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.stamps.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module):
+        self.stamps.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        s = self.stamps[self.skip:]
+        return [1000.0 * (b - a) for a, b in zip(s, s[1:])]
+
+
+def _model_pruning(amounts_per_epoch: list[float], model: nn.Module, structured: bool = False) -> L.Callback:
+    """Lightning's ModelPruning with cumulative targets per epoch (its amount prunes the *remaining* weights).
+
+    It prunes the same tensors as ours: conv/linear weights except the stem (unstructured), or the
+    filters of the blocks' ``conv_pw`` and of ``conv_head`` (structured, ``ln_structured`` L1, dim 0).
+    """
+    from lightning.pytorch.callbacks import ModelPruning
+
+    increments = []
+    prev = 0.0
+    for target in amounts_per_epoch:
+        increments.append(0.0 if target <= prev else (target - prev) / (1.0 - prev))
+        prev = max(prev, target)
+    if structured:
+        params = [(m, "weight") for n, m in model.named_modules() if n.endswith("conv_pw") and n.startswith("blocks") or n == "conv_head"]
+        return ModelPruning("ln_structured", parameters_to_prune=params, amount=lambda epoch: increments[min(epoch, len(increments) - 1)],
+                            pruning_dim=0, pruning_norm=1, use_global_unstructured=False,
+                            use_lottery_ticket_hypothesis=False, verbose=0)
+    params = [(m, "weight") for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "conv_stem"]
+    return ModelPruning("l1_unstructured", parameters_to_prune=params, amount=lambda epoch: increments[min(epoch, len(increments) - 1)],
+                        use_global_unstructured=True, use_lottery_ticket_hypothesis=False, verbose=0)
+
+
+def _fit(model: nn.Module, loader: DataLoader, callbacks: list, epochs: int, limit: int | None = None) -> None:
+    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=limit, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(_Task(model), loader)
+
+
+def step_overhead(steps: int, repeats: int, batch: int = 64) -> dict[str, Any]:
+    """(a): mean step time of plain / Pruning / ModelPruning; runs interleaved, each step's minimum over the repeats."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(batch * steps, 1, 32, 32, generator=g), torch.randint(0, 10, (batch * steps,), generator=g))
+    loader = DataLoader(data, batch_size=batch)
+    epochs, per_epoch = 2, steps // 2
+    runs: dict[str, list[list[float]]] = {"plain": [], "pruning": [], "model_pruning": []}
+    order = list(runs)
+    for r in range(repeats):
+        for variant in order[r % 3:] + order[: r % 3]:
+            torch.manual_seed(0)
+            timer = _StepTimer()
+            if variant == "plain":
+                cbs = [timer]
+            elif variant == "pruning":
+                cbs = [timer, Pruning(amount=0.75, schedule="polynomial", frequency=max(1, steps // 4), end_fraction=0.75,
+                                      export_sparse=None)]
+            model = create_model("mobilenetv2", **SMALL)
+            if variant == "model_pruning":
+                cbs = [timer, _model_pruning([0.6, 0.75], model)]
+            _fit(model, loader, cbs, epochs, per_epoch)
+            runs[variant].append(timer.step_ms())
+    # Step i does the same work in every repeat (same data, same mask-update steps): its minimum over
+    # the repeats is its cost without a neighbour's interference; the mean over steps amortizes the
+    # mask updates and ModelPruning's epoch-end pruning.
+    per_step = {k: [min(col) for col in zip(*v)] for k, v in runs.items()}
+    mean = {k: statistics.fmean(v) for k, v in per_step.items()}
+    return {"step_ms": mean, "step_ms_runs": runs, "steps": steps, "batch": batch, "repeats": repeats,
+            "pruning_settings": f"polynomial to 0.75, mask update every {max(1, steps // 4)} steps, logging on (amortized in the mean)",
+            "model_pruning_settings": "l1_unstructured, global over conv/linear weights but the stem, pruned at both epoch "
+                                      "ends (0.6 then 0.75), no lottery ticket",
+            "step_overhead": mean["pruning"] / mean["plain"], "model_pruning_overhead": mean["model_pruning"] / mean["plain"],
+            "overhead_vs_modelpruning": mean["pruning"] / mean["model_pruning"]}
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, pruner=None, step: int = 0) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    if pruner is not None:
+        pruner.before_optimizer_step(step, [opt])
+    opt.step()
+    if pruner is not None:
+        pruner.after_optimizer_step()
+
+
+def step_overhead_alternating(steps: int, batch: int = 64, frequency: int = 50, amount: float = 0.75) -> dict[str, Any]:
+    """(a), robust form: plain / ours / ``torch.nn.utils.prune`` steps *alternated* one by one.
+
+    Three copies of the same network train on the same batch: plain; with our :class:`Pruner`
+    (masks at ``amount``, gradient masking before and weight masking after every step); and with
+    the reparametrization Lightning's ``ModelPruning`` installs (``prune.global_unstructured`` with
+    L1: ``weight = weight_orig * weight_mask`` recomputed by a forward pre-hook at every forward).
+    Alternating step by step makes a neighbour process slow all three alike. Our mask update cost
+    (one global re-ranking) is amortized at the recipe's ``frequency``; ModelPruning's epoch-end
+    pruning (once per ~430 steps on Fashion-MNIST) is not charged to it.
+    """
+    from torch.nn.utils import prune as torch_prune
+
+    from lightning_eff.compression.pruning import Pruner, PruningConfig
+
+    torch.manual_seed(0)
+    base = create_model("mobilenetv2", **SMALL)
+    models = {k: copy.deepcopy(base) for k in ("plain", "pruning", "model_pruning")}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5) for k, m in models.items()}
+    pruner = Pruner(PruningConfig(amount=amount, schedule="constant", exclude=["conv_stem"]))
+    pruner.attach(models["pruning"], total_steps=steps)
+    update_ms = []
+    for _ in range(3):
+        start = time.perf_counter()
+        pruner.update(amount, [opts["pruning"]])
+        update_ms.append((time.perf_counter() - start) * 1000.0)
+    targets = [(m, "weight") for n, m in models["model_pruning"].named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "conv_stem"]
+    torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=amount)
+    opts["model_pruning"] = torch.optim.SGD(models["model_pruning"].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 1, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for i in range(steps + 2):
+        for k in names[i % 3:] + names[: i % 3]:  # rotate, so no variant always runs first
+            m = models[k]
+            start = time.perf_counter()
+            _train_step(m, opts[k], x, y, pruner if k == "pruning" else None, i)
+            if i >= 2:
+                times[k].append((time.perf_counter() - start) * 1000.0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ours = med["pruning"] + statistics.median(update_ms) / frequency
+    return {"step_ms_median": med, "step_ms": times, "mask_update_ms": update_ms, "frequency": frequency, "batch": batch,
+            "steps": steps, "ours_amortized_ms": ours, "step_overhead": ours / med["plain"],
+            "model_pruning_overhead": med["model_pruning"] / med["plain"], "overhead_vs_modelpruning": ours / med["model_pruning"]}
+
+
+@torch.inference_mode()
+def paired_latency(models: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """``{name: {"median": ms, "min": ms}}`` per call, calls interleaved (a, b, a, b, ...).
+
+    Interleaving makes a neighbour's burst hit both variants alike. On a shared machine the
+    *minimum* is the better estimate of a model's own cost (contention only ever adds time), so
+    ratios use it; the medians are kept beside it.
+    """
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(x)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+
+
+def structured_latency(quick: bool) -> dict[str, Any]:
+    """(b): dense vs 50%-channel MobileNetV2 at 224×224 (plus the 32×32 training configuration)."""
+    out: dict[str, Any] = {}
+    for label, kwargs, res in (("mnv2_w1.0_224", LARGE, 224), ("mnv2_w0.5_32", SMALL, 32)):
+        torch.manual_seed(0)
+        dense = create_model("mobilenetv2", **kwargs).eval()
+        small = prune_channels(dense, 0.5)
+        row: dict[str, Any] = {"params_dense": count_parameters(dense), "params_pruned": count_parameters(small)}
+        for b in (1, 32):
+            x = torch.randn(b, kwargs["in_chans"], res, res)
+            reps = (3 if b == 32 else 15) if quick else (10 if b == 32 else 50)
+            ms = paired_latency({"dense": dense, "pruned": small}, x, warmup=1 if b == 32 else 3, repeats=reps)
+            row[f"dense_ms_b{b}"], row[f"pruned_ms_b{b}"] = ms["dense"], ms["pruned"]
+            row[f"ratio_b{b}"] = ms["pruned"]["min"] / ms["dense"]["min"]
+            row[f"median_ratio_b{b}"] = ms["pruned"]["median"] / ms["dense"]["median"]
+        out[label] = row
+    return out
+
+
+def sparse_artifact(quick: bool) -> dict[str, Any]:
+    """(c): bytes of the 90%-sparse artifact vs dense, and whether the sparsity bought latency."""
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2", **LARGE).eval()
+    dense_model = copy.deepcopy(model)
+    prune(model, 0.9)
+    state = model.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    dense = buffer.getvalue()
+    row: dict[str, Any] = {"dense_bytes": len(dense), "dense_gzip_bytes": gzip_size(dense)}
+    for values in ("fp32", "int8"):
+        blob = serialize_sparse(sparse_state_dict(state, values))
+        row[f"sparse_{values}_bytes"], row[f"sparse_{values}_gzip_bytes"] = len(blob), gzip_size(blob)
+        row[f"ratio_{values}"] = len(blob) / len(dense)
+    ms = paired_latency({"dense": dense_model, "sparse90": model}, torch.randn(1, 3, 224, 224), warmup=3, repeats=15 if quick else 50)
+    row["dense_latency_ms_b1"], row["sparse90_latency_ms_b1"] = ms["dense"], ms["sparse90"]
+    row["latency_ratio_b1"] = ms["sparse90"]["min"] / ms["dense"]["min"]
+    row["median_latency_ratio_b1"] = ms["sparse90"]["median"] / ms["dense"]["median"]
+    row["latency_gain"] = row["latency_ratio_b1"] < 0.9
+    row["latency_note"] = ("unstructured 90% sparsity buys no CPU speed-up: fp32 eager runs dense oneDNN/MKL kernels that "
+                           "multiply the zeros (and the x86/QNNPACK int8 kernels are dense too); the gain is storage only")
+    return row
+
+
+def table1(epochs: int, train_examples: int | None, test_examples: int | None, threads: int,
+           only: list[str] | None = None) -> dict[str, Any]:
+    """Table 1 analog on Fashion-MNIST: ours vs ModelPruning at the same sparsity and budget (``only``: a subset of rows)."""
+    from lightning_eff.data import FashionMNISTDataModule
+    from lightning_eff.infra.report import evaluate_accuracy
+    from lightning_eff.tasks import ClassificationTask
+
+    rows: dict[str, Any] = {}
+    variants: list[tuple[str, float, str]] = [("dense", 0.0, "none")]
+    for s in (0.5, 0.75, 0.9):
+        variants += [(f"ours_unstructured_{int(s * 100)}", s, "ours"), (f"modelpruning_unstructured_{int(s * 100)}", s, "lightning")]
+    variants += [("ours_channels_50", 0.5, "ours_channels"), ("modelpruning_ln_structured_50", 0.5, "lightning_structured")]
+    for name, sparsity, kind in variants:
+        if only and name not in only:
+            continue
+        L.seed_everything(0, verbose=False)
+        dm = FashionMNISTDataModule(batch_size=128, resize=32, augment=False, limit_train=train_examples, limit_test=test_examples)
+        task = ClassificationTask(dict(name="mobilenetv2", **SMALL), lr=0.1, weight_decay=5e-5, scheduler="onecycle")
+        dm.setup("fit")
+        steps = epochs * len(dm.train_dataloader())
+        cbs: list = []
+        if kind == "ours":
+            cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),
+                           exclude=["conv_stem"], export_sparse=None, log_sparsity=False)]
+        elif kind == "ours_channels":
+            cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),
+                           granularity="channel", distribution="uniform", include=[r"blocks\..*\.conv_pw", "conv_head"],
+                           export_sparse=None, log_sparsity=False)]
+        elif kind.startswith("lightning"):
+            per_epoch = [polynomial_decay(int(round((e + 1) / epochs * steps)), 0.0, sparsity, 0, max(1, int(0.75 * steps)))
+                         for e in range(epochs)]
+            cbs = [_model_pruning(per_epoch, task.model, structured=kind == "lightning_structured")]
+        started = time.perf_counter()
+        trainer = L.Trainer(max_epochs=epochs, callbacks=cbs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0, limit_val_batches=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(task, datamodule=dm)
+        dm.setup("test")
+        model = task.model.eval()
+        if kind == "ours_channels":
+            model = cbs[0].finalize(task)
+        weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        rows[name] = {"test_acc": evaluate_accuracy(model, dm.test_dataloader()), "target_sparsity": sparsity,
+                      "conv_linear_zero_fraction": zeros, "params": count_parameters(model), "train_s": time.perf_counter() - started}
+        print(f"table1 {name}: acc={rows[name]['test_acc']:.4f} zeros={zeros:.3f} params={rows[name]['params']}", flush=True)
+    return {"epochs": epochs, "train_examples": train_examples, "test_examples": test_examples, "rows": rows}
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """Run the benchmark; returns the ``RESULT`` figures (also in ``<out>/pruning.json``)."""
+    parser = bench_parser("pruning", __doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per variant (default 20 quick, 60 full)")
+    parser.add_argument("--repeats", type=int, default=None, help="--lightning-runs: interleaved fits per variant (default 3 quick, 5 full)")
+    parser.add_argument("--lightning-runs", action="store_true",
+                        help="also time whole Lightning fits (plain / Pruning / ModelPruning, interleaved; noisy on shared CPUs)")
+    parser.add_argument("--table1", action="store_true", help="also train the Table 1 analog on Fashion-MNIST (slow)")
+    parser.add_argument("--table1-only", action="store_true", help="only the Table 1 runs (writes pruning_table1.json)")
+    parser.add_argument("--table1-rows", nargs="+", default=None, help="Table 1: run only these rows (names as in the JSON)")
+    parser.add_argument("--epochs", type=int, default=4, help="Table 1: epochs per run (default 4)")
+    parser.add_argument("--train-examples", type=int, default=None, help="Table 1: limit the training set (default all 55k)")
+    parser.add_argument("--test-examples", type=int, default=None, help="Table 1: limit the test set (default all 10k)")
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+    steps = args.steps or (20 if args.quick else 60)
+    repeats = args.repeats or (3 if args.quick else 5)
+    logging_off()
+    if args.table1_only:
+        rows = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows)
+        dense = rows["rows"].get("dense", {}).get("test_acc")
+        result = {f"{k}_acc": v["test_acc"] for k, v in rows["rows"].items()}
+        if dense is not None:
+            result.update({f"{k}_drop_pts": 100.0 * (dense - v["test_acc"]) for k, v in rows["rows"].items() if k != "dense"})
+        write_bench("pruning_table1", rows, result, args.out)
+        return result
+    overhead = step_overhead_alternating(steps)
+    structured = structured_latency(args.quick)
+    artifact = sparse_artifact(args.quick)
+    payload: dict[str, Any] = {"overhead": overhead, "structured50": structured, "sparse90": artifact, "quick": args.quick}
+    if args.lightning_runs:
+        payload["lightning_runs"] = step_overhead(steps, repeats)
+    if args.table1:
+        payload["table1"] = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows)
+    big = structured["mnv2_w1.0_224"]
+    result = {
+        "step_overhead": overhead["step_overhead"],
+        "overhead_vs_modelpruning": overhead["overhead_vs_modelpruning"],
+        "structured50_latency_b1": big["ratio_b1"],
+        "structured50_latency_b32": big["ratio_b32"],
+        "sparse90_bytes": artifact["ratio_fp32"],
+    }
+    write_bench("pruning", payload, result, args.out)
+    return result
+
+
+def logging_off() -> None:
+    """Silence Lightning's per-fit banners (dozens of short fits)."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_eff"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")

@@ -46,3 +46,14 @@ def _quiet_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_flags():
+    """``Trainer(deterministic=True)`` sets torch's global determinism flag and never resets it;
+    int8 CPU kernels (quantized_resize_) then refuse to run in every later test."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lightning_eff.errors import ConfigError
+from lightning_eff.infra.checkpoint_io import atomic_write
 from lightning_eff.validation import check_choice, check_number
 
 __all__ = ["FORMAT", "VALUE_DTYPES", "sparse_state_dict", "load_sparse_state_dict", "save_sparse", "load_sparse", "sparse_bytes", "serialize_sparse"]
@@ -195,18 +195,7 @@ def save_sparse(model_or_state: torch.nn.Module | Mapping[str, Any], path: str |
     """Write the compressed artifact of a model (or ``state_dict``) atomically; returns the path."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     data = serialize_sparse(sparse_state_dict(state, values, **kwargs))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def load_sparse(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, Tensor] | torch.nn.Module:

@@ -160,3 +160,19 @@ def test_ptq_bad_inputs():
         PostTrainingQuantization(mode="dynamic", flow="pt2e")
     with pytest.raises(ConfigError, match="calibration_batches"):
         PostTrainingQuantization(calibration_batches=0)
+
+
+def test_int8_models_run_under_deterministic_mode(tmp_path):
+    """Trainer(deterministic=True) turns on torch's global determinism; int8 inference inside
+    quantized_engine still runs (and the user's setting is restored afterwards)."""
+    from lightning_eff.compression.quantization.fx import model_engine
+    from lightning_eff.compression.quantization.preflight import quantized_engine
+
+    task, dm = _task(), TinyData()
+    ptq = PostTrainingQuantization(engines=["x86"], calibration_batches=2)
+    _trainer(tmp_path, [ptq], deterministic=True).fit(task, datamodule=dm)
+    assert torch.are_deterministic_algorithms_enabled()
+    int8 = ptq.deployable_models()["ptq_int8_x86"]
+    with quantized_engine(model_engine(int8)):
+        assert int8(dm.x[:4]).shape == (4, 10)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()

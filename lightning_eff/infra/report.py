@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.compression.quantization.fx import model_engine
+from lightning_eff.compression.quantization.preflight import quantized_engine
 from lightning_eff.infra.footprint import measure_footprint
 from lightning_eff.tasks.classification import call_model, split_batch
 
@@ -92,17 +94,18 @@ def build_report(
     rows: dict[str, dict[str, Any]] = {}
     for name, model in variants.items():
         row: dict[str, Any] = {}
-        try:
-            row["test_acc"] = evaluate_accuracy(model, test_loader, eval_batches)
-        except Exception as err:  # a broken variant must not cost the others their row
-            log.warning("accuracy of %s failed: %s", name, err)
-            row["test_acc"] = None
-        row.update(
-            measure_footprint(
-                model, example, batch_sizes=batch_sizes, latency=bool(options.get("latency", True)),
-                memory=bool(options.get("memory", True)), warmup=1 if fast else 3, repeats=repeats,
+        with quantized_engine(model_engine(model)):  # int8 variants run under the engine they were packed for
+            try:
+                row["test_acc"] = evaluate_accuracy(model, test_loader, eval_batches)
+            except Exception as err:  # a broken variant must not cost the others their row
+                log.warning("accuracy of %s failed: %s", name, err)
+                row["test_acc"] = None
+            row.update(
+                measure_footprint(
+                    model, example, batch_sizes=batch_sizes, latency=bool(options.get("latency", True)),
+                    memory=bool(options.get("memory", True)), warmup=1 if fast else 3, repeats=repeats,
+                )
             )
-        )
         rows[name] = row
     artifacts: list[dict[str, Any]] = []
     for cb in callbacks:

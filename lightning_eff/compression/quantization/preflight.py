@@ -67,15 +67,21 @@ def quantized_engine(engine: str | None) -> Iterator[str]:
     runs inside this context. ``None`` leaves the current engine alone.
     """
     previous = torch.backends.quantized.engine
-    if engine is None:
-        yield previous
-        return
-    check_engine(engine)
-    torch.backends.quantized.engine = engine
+    # int8 CPU kernels call quantized_resize_, which torch flags as non-deterministic (CPU int8
+    # inference is deterministic in practice); under Trainer(deterministic=True) every int8 call
+    # would raise. Inside this block determinism only warns; the caller's setting is restored.
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    if engine is not None:
+        check_engine(engine)
+        torch.backends.quantized.engine = engine
+    if strict:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield engine
+        yield previous if engine is None else engine
     finally:
         torch.backends.quantized.engine = previous
+        if strict:
+            torch.use_deterministic_algorithms(True)
 
 
 def _module_stack_tracer():

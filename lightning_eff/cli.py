@@ -31,6 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.infra.checkpoint_io import AtomicCheckpointIO
+from lightning_eff.infra.footprint import format_table, write_results
+from lightning_eff.infra.report import build_report
 from lightning_eff.models import list_models, model_signature
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "REPO_ROOT"]
@@ -210,8 +212,6 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
         Plain dict: ``metrics`` (logged values), ``report`` (one footprint row per model variant),
         ``run_dir`` and ``artifacts``.
     """
-    from lightning_eff.infra.report import build_report
-
     validate_config(cfg)
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
     run_dir = Path(c.get("run_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
@@ -262,8 +262,6 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
     report = build_report(task, datamodule, [cb for _, _, cbs in stages for cb in cbs], c.get("report") or {},
                           fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
     result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"], "run_dir": str(run_dir)}
-    from lightning_eff.infra.footprint import format_table, write_results
-
     if final_trainer.is_global_zero:
         write_results(run_dir / "results.json", {"config": c, **result})
         if c.get("print_report", True):

@@ -26,14 +26,6 @@ from lightning_eff.infra.export import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine the OpenMP
-    threads spin against the neighbours (measured: this file 112 s at 2 threads, see report)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _net() -> nn.Module:
     torch.manual_seed(0)

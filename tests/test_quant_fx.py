@@ -30,14 +30,6 @@ from lightning_eff.models import create_model
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared 2-core machine the OpenMP
-    threads spin against the neighbours (measured: this file 112 s at 2 threads, see report)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _warm_bn(model: nn.Module, shape, steps: int = 3) -> nn.Module:
     """Give BN layers non-trivial running statistics (random init has mean 0 / var 1)."""

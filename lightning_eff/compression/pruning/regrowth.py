@@ -57,12 +57,9 @@ def rigl_update(weight: Tensor, mask: Tensor, grad: Tensor, k: int) -> Tensor:
     Positions dropped in this update may not be regrown in it (they would just come back); the
     number of live weights is unchanged.
     """
-    check_int("k", k, low=0)
-    flat_mask = mask.reshape(-1).to(torch.bool)
-    k = min(k, int(flat_mask.sum()), int((~flat_mask).sum()))
+    flat_mask, k, dropped = _drop_smallest(weight, mask, k)
     if k == 0:
         return mask.clone()
-    dropped = _drop(weight, flat_mask, k)
     candidates = ~flat_mask  # dead before this update
     score = grad.detach().abs().reshape(-1).float().masked_fill(~candidates, float("-inf"))
     order = torch.argsort(-score, stable=True)
@@ -71,15 +68,20 @@ def rigl_update(weight: Tensor, mask: Tensor, grad: Tensor, k: int) -> Tensor:
     return out.reshape(mask.shape)
 
 
-@torch.no_grad()
-def set_update(weight: Tensor, mask: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """SET: drop ``k`` smallest live weights, grow ``k`` positions chosen uniformly among the dead ones."""
+def _drop_smallest(weight: Tensor, mask: Tensor, k: int) -> tuple[Tensor, int, Tensor | None]:
+    """Shared first half of RigL and SET: clamp ``k`` to what can move, drop the ``k`` smallest live weights."""
     check_int("k", k, low=0)
     flat_mask = mask.reshape(-1).to(torch.bool)
     k = min(k, int(flat_mask.sum()), int((~flat_mask).sum()))
+    return flat_mask, k, (_drop(weight, flat_mask, k) if k else None)
+
+
+@torch.no_grad()
+def set_update(weight: Tensor, mask: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """SET: drop ``k`` smallest live weights, grow ``k`` positions chosen uniformly among the dead ones."""
+    flat_mask, k, dropped = _drop_smallest(weight, mask, k)
     if k == 0:
         return mask.clone()
-    dropped = _drop(weight, flat_mask, k)
     dead = torch.nonzero(~flat_mask.cpu()).flatten()
     pick = dead[torch.randperm(dead.numel(), generator=generator)[:k]]
     out = dropped.clone()

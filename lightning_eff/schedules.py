@@ -180,3 +180,60 @@ def check_sparsity_schedule(steps: list[int], values: list[float], allow_full: b
             )
         pairs.append((int(step), float(value)))
     return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar hyper-parameter schedules (distillation temperature and loss weights, ...).
+# --------------------------------------------------------------------------------------------
+__all__ += ["ScheduledValue"]
+
+_SCHEDULE_KEYS = ("start", "end", "begin_step", "begin_fraction", "end_step", "end_fraction", "power")
+
+
+class ScheduledValue:
+    """A number, or a polynomial ramp ``start -> end`` between two steps, as a function of the global step.
+
+    ``value(t) = end + (start - end) * (1 - p) ** power`` with ``p`` the clipped progress between
+    ``begin`` and ``end`` (steps, or fractions of the run's total steps): ``start`` before, ``end``
+    after. Every value the schedule can take is validated by ``check(name, value)`` up front.
+
+    Args:
+        name: option name used in error messages.
+        spec: a number, or ``{"start", "end", "begin_step"|"begin_fraction", "end_step"|"end_fraction", "power"}``.
+        check: validator returning the (converted) value; raises ``ConfigError``.
+
+    Example:
+        >>> t = ScheduledValue("temperature", {"start": 8.0, "end": 2.0, "end_fraction": 1.0}, lambda n, v: float(v))
+        >>> t(0, 100), t(50, 100), t(100, 100)
+        (8.0, 5.0, 2.0)
+    """
+
+    def __init__(self, name: str, spec, check) -> None:
+        self.name = name
+        if isinstance(spec, dict) or hasattr(spec, "keys"):
+            spec = dict(spec)
+            unknown = sorted(set(spec) - set(_SCHEDULE_KEYS))
+            if unknown or "start" not in spec or "end" not in spec:
+                raise ConfigError(f"{name}={spec!r}: a schedule needs 'start' and 'end' and may have {list(_SCHEDULE_KEYS)}"
+                                  f"{'; unknown ' + str(unknown) if unknown else ''}.")
+            self.start = check(f"{name}.start", spec["start"])
+            self.end = check(f"{name}.end", spec["end"])
+            check_step_or_fraction(f"{name}.begin", spec.get("begin_step"), spec.get("begin_fraction"))
+            check_step_or_fraction(f"{name}.end", spec.get("end_step"), spec.get("end_fraction"))
+            self.begin = (spec.get("begin_step"), spec.get("begin_fraction", None if "begin_step" in spec else 0.0))
+            self.finish = (spec.get("end_step"), spec.get("end_fraction", None if "end_step" in spec else 1.0))
+            self.power = check_number(f"{name}.power", spec.get("power", 1.0), low=0.0, low_inclusive=False)
+            self.constant = False
+        else:
+            self.start = self.end = check(name, spec)
+            self.constant = True
+
+    def __call__(self, step: int, total_steps: float | None = None) -> float:
+        if self.constant:
+            return self.start
+        begin = resolve_step(*self.begin, total_steps) or 0
+        end = resolve_step(*self.finish, total_steps)
+        if end is None or end <= begin:
+            return self.end if step >= begin else self.start
+        p = min(max((step - begin) / (end - begin), 0.0), 1.0)
+        return float(self.end + (self.start - self.end) * (1.0 - p) ** self.power)

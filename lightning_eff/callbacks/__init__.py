@@ -1,7 +1,8 @@
 """Lightning callbacks: each decides *when* a technique of the functional core runs."""
+from lightning_eff.callbacks.distillation import Distillation
 from lightning_eff.callbacks.footprint import FootprintMonitor
 from lightning_eff.callbacks.export import Export
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining
 
-__all__ = ["Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining"]
+__all__ = ["Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_eff.errors import ConfigError, DataNotFoundError
+from lightning_eff.data.indexed import IndexCollate
 from lightning_eff.validation import check_bool, check_choice, check_int, check_number
 
 __all__ = [
@@ -227,6 +228,8 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
         self._ready = False
         self._class_names: list[str] | None = None  # set in __init__ when static, else by _load
         self._input_shape: tuple[int, int, int] = (0, 0, 0)  # (C, H, W) set by each subclass __init__
+        # training batches as IndexedBatch(index, batch) (offline distillation, pseudo-labels)
+        self.return_index = False
 
     # --- subclass hooks -------------------------------------------------------------------
     @abc.abstractmethod
@@ -267,7 +270,7 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, indexed=self.return_index)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
@@ -284,12 +287,12 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
             images[idx_t], labels[idx_t], channels=channels, mean=mean, std=std, augment=train and self.augment, pad=pad
         )
 
-    def _loader(self, ds: BatchGatherDataset, batch_size: int, *, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: BatchGatherDataset, batch_size: int, *, shuffle: bool, indexed: bool = False) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=ds.collate,
+            collate_fn=IndexCollate(ds.collate) if indexed else ds.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -323,6 +326,8 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         self.num_workers = check_int("data.num_workers", num_workers, low=0)
         self.tokenizer = None
         self._ready = False
+        # training batches as IndexedBatch(index, batch) (offline distillation, pseudo-labels)
+        self.return_index = False
 
     @abc.abstractmethod
     def _read(self) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
@@ -385,7 +390,8 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
         ds = self.datasets[split]
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=ds.collate,
+        collate = IndexCollate(ds.collate) if split == "train" and self.return_index else ds.collate
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,468 @@
+"""``Distillation``: knowledge distillation into any LightningModule, without changing its code.
+
+How it attaches (all in ``setup()``, undone in ``teardown()``):
+
+- a forward hook on the student network (``pl_module.<module_attr>``, else the module itself)
+  records the inputs and logits of its first call in each training step;
+- ``pl_module.training_step`` is wrapped on the instance: the user's step runs unchanged and
+  returns its task loss ``L_task``; the wrapper runs the frozen teacher on the *same inputs the
+  student saw* (so augmentation or mixing done inside the step is respected) and returns
+  ``λ1 · L_task + λ2 · T² · KL(p_T ‖ p_S) + Σ λ_f · L_feature`` (survey eq. 5 plus intermediate
+  layers). With Lightning's DDP the wrapped step is still the one the strategy calls.
+
+The teacher is kept on the callback, not on the LightningModule, so it is never in the optimizer,
+the checkpoint (unless ``save_teacher=True``) or the DDP wrapper; it is frozen, kept in ``eval()``
+and moved to the student's device. Learned projections for intermediate layers whose widths differ
+*are* trained: they are attached as ``pl_module.distill_projections`` (saved in the checkpoint, so
+resume is exact) and added to the optimizer when ``configure_optimizers`` did not include them.
+
+Offline mode (``cache=PATH``): teacher logits are computed once over the training set (or read
+from ``PATH``) keyed by example index, and training never runs the teacher. Our datamodules are
+switched to index-carrying batches automatically; for other data wrap the dataset in
+:class:`~lightning_eff.data.indexed.IndexedDataset`. Exact only without random augmentation.
+
+Example:
+    >>> cb = Distillation(teacher=my_trained_model, temperature=4.0, kd_weight=0.7, task_weight=0.3)
+    >>> Trainer(callbacks=[cb]).fit(task, datamodule=dm)            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from lightning_eff.callbacks.common import target_module
+from lightning_eff.data.indexed import IndexCollate, IndexedBatch
+from lightning_eff.errors import ConfigError, did_you_mean
+from lightning_eff.learning.distillation.losses import (
+    FEATURE_LOSSES, check_logit_shapes, check_temperature, check_weight, kd_loss, make_projection,
+)
+from lightning_eff.learning.distillation.offline import (
+    TeacherLogitCache, call_with_inputs, compute_teacher_logits, default_output_fn, model_fingerprint,
+)
+from lightning_eff.schedules import ScheduledValue
+from lightning_eff.learning.distillation.teacher import check_not_student, freeze_teacher, load_teacher
+from lightning_eff.validation import check_bool, check_choice, check_number
+
+__all__ = ["Distillation"]
+
+log = logging.getLogger(__name__)
+
+
+class _Capture:
+    """Forward hook state: the first call's inputs/outputs while armed."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.calls = 0
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.output: Any = None
+
+    def arm(self) -> None:
+        self.armed, self.calls, self.args, self.kwargs, self.output = True, 0, (), {}, None
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.armed:
+            return
+        self.calls += 1
+        if self.calls == 1:
+            self.args, self.kwargs, self.output = args, kwargs, output
+
+
+class Distillation(L.Callback):
+    """Distil a frozen teacher into the LightningModule being trained.
+
+    Args:
+        teacher: an ``nn.Module``, a Lightning ``.ckpt`` path, a Hugging Face model folder, a registered
+            model name or spec ``{"name": ..., "checkpoint": ...}`` (see
+            :func:`~lightning_eff.learning.distillation.load_teacher`). May be ``None`` only with an
+            existing ``cache``.
+        temperature: ``T > 0``; a number or a schedule ``{"start", "end", "begin_fraction"|"begin_step",
+            "end_fraction"|"end_step", "power"}`` over global steps.
+        kd_weight: ``λ2`` in ``[0, 1]`` (number or schedule) for ``T²·KL``.
+        task_weight: ``λ1`` in ``[0, 1]`` (number or schedule) for the loss the user's step returns.
+        layers: intermediate-layer pairs ``{student_module_name: teacher_module_name}`` (names relative
+            to the student network and the teacher), or ``{student_name: {"teacher": name, "loss": kind,
+            "weight": w}}``.
+        feature_loss: default kind for ``layers``: ``"mse"`` (learned projection when widths differ),
+            ``"cosine"`` (DistilBERT), ``"attention_transfer"`` (CNN maps) or ``"attention_kl"``
+            (transformer attention matrices; needs eager attention).
+        feature_weight: default weight ``λ_f >= 0`` of each layer loss.
+        cache: path of a teacher-logit cache (offline distillation); built on first use.
+        module_attr: attribute holding the student network (default ``"model"``; else the module itself).
+        output_fn: extracts logits from the student's/teacher's output (default: ``.logits``/first/tensor).
+        teacher_inputs: maps the student's ``(args, kwargs)`` to the teacher's; default the same inputs.
+        teacher_class: LightningModule class to load a teacher ``.ckpt`` with.
+        save_teacher: also store the teacher's weights in the checkpoint (off: a checkpoint stays the student's).
+        log_agreement: log top-1 agreement with the teacher in training and validation.
+
+    Raises:
+        ConfigError: ``T <= 0``, a weight outside ``[0, 1]``, an unknown loss kind or layer name, a
+            teacher that is the student, mismatched logits, manual optimisation.
+    """
+
+    def __init__(
+        self,
+        teacher: Any = None,
+        temperature: float | Mapping = 4.0,
+        kd_weight: float | Mapping = 0.5,
+        task_weight: float | Mapping = 0.5,
+        layers: Mapping[str, Any] | None = None,
+        feature_loss: str = "mse",
+        feature_weight: float = 1.0,
+        cache: str | None = None,
+        module_attr: str | None = "model",
+        output_fn: Callable[[Any], Tensor] | None = None,
+        teacher_inputs: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
+        teacher_class: type | None = None,
+        save_teacher: bool = False,
+        log_agreement: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = ScheduledValue("temperature", temperature, check_temperature)
+        self.kd_weight = ScheduledValue("kd_weight", kd_weight, check_weight)
+        self.task_weight = ScheduledValue("task_weight", task_weight, check_weight)
+        check_choice("feature_loss", feature_loss, list(FEATURE_LOSSES))
+        check_number("feature_weight", feature_weight, low=0.0)
+        self.pairs = self._parse_layers(layers or {}, feature_loss, float(feature_weight))
+        if teacher is None and cache is None:
+            raise ConfigError("Distillation needs a teacher (module, .ckpt, HF folder or model name) or a logit cache.")
+        if cache is not None and self.pairs:
+            raise ConfigError("layers (intermediate distillation) need the teacher online; they cannot use cache=.")
+        self.teacher_spec, self.cache_path = teacher, cache
+        self.module_attr, self.teacher_class = module_attr, teacher_class
+        self.output_fn = output_fn or default_output_fn
+        self.teacher_inputs = teacher_inputs
+        self.save_teacher = check_bool("save_teacher", save_teacher)
+        self.log_agreement = check_bool("log_agreement", log_agreement)
+        self.teacher: nn.Module | None = None
+        self.cache: TeacherLogitCache | None = None
+        self._capture = _Capture()
+        self._features: dict[str, dict[str, Any]] = {"student": {}, "teacher": {}}
+        self._handles: list = []
+        self._patched: L.LightningModule | None = None
+        self._total_steps: float | None = None
+        self._warned_calls = False
+
+    # ------------------------------------------------------------------------------ options
+    @staticmethod
+    def _parse_layers(layers: Mapping[str, Any], kind: str, weight: float) -> list[dict[str, Any]]:
+        pairs = []
+        for s_name, spec in layers.items():
+            spec = {"teacher": spec} if isinstance(spec, str) else dict(spec)
+            unknown = set(spec) - {"teacher", "loss", "weight"}
+            if unknown or "teacher" not in spec:
+                raise ConfigError(f"layers[{s_name!r}]={spec!r}: give a teacher module name, optionally with 'loss' and 'weight'.")
+            k = check_choice(f"layers[{s_name!r}].loss", spec.get("loss", kind), list(FEATURE_LOSSES))
+            w = check_number(f"layers[{s_name!r}].weight", spec.get("weight", weight), low=0.0)
+            pairs.append({"student": s_name, "teacher": spec["teacher"], "loss": k, "weight": float(w)})
+        return pairs
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._patched is not None:
+            return
+        if not pl_module.automatic_optimization:
+            raise ConfigError("Distillation wraps the loss returned by training_step; manual optimisation is not supported.")
+        student = target_module(pl_module, self.module_attr)
+        if self.teacher is None and self.teacher_spec is not None:
+            self.teacher = load_teacher(self.teacher_spec, getattr(pl_module, "num_classes", None), self.teacher_class)
+        if self.teacher is not None:
+            check_not_student(self.teacher, pl_module)
+            freeze_teacher(self.teacher)
+        self._handles.append(student.register_forward_hook(self._capture.hook, with_kwargs=True))
+        if self.pairs:
+            self._hook_layers(student, self.teacher)
+            self._build_projections(trainer, pl_module, student)
+        if self.cache_path is not None:
+            self._prepare_cache(trainer, pl_module)
+        self._wrap_training_step(pl_module)
+
+    def _hook_layers(self, student: nn.Module, teacher: nn.Module) -> None:
+        for side, net in (("student", student), ("teacher", teacher)):
+            names = dict(net.named_modules())
+            for pair in self.pairs:
+                name = pair[side]
+                if name not in names:
+                    raise ConfigError(
+                        f"layers: {side} module {name!r} not found.{did_you_mean(name, names)} "
+                        f"({side} modules include {[n for n in names if n][:8]}...)"
+                    )
+                store = self._features[side]
+                attention = pair["loss"] == "attention_kl"
+
+                def hook(module, args, output, store=store, name=name, attention=attention):
+                    store[name] = _feature(output, attention, name)
+
+                self._handles.append(names[name].register_forward_hook(hook))
+
+    def _build_projections(self, trainer: L.Trainer, pl_module: L.LightningModule, student: nn.Module) -> None:
+        from lightning_eff.callbacks.common import example_inputs
+
+        inputs = example_inputs(trainer, n=2)
+        if inputs is None:
+            raise ConfigError("intermediate-layer distillation needs example inputs (a datamodule) to size its projections.")
+        with torch.no_grad():
+            was = student.training
+            student.eval()
+            call_with_inputs(student, inputs)
+            student.train(was)
+            args, kwargs = self._teacher_args(((), inputs) if isinstance(inputs, dict) else ((inputs,), {}))
+            self.teacher(*args, **kwargs)
+        projections = nn.ModuleDict()
+        for pair in self.pairs:
+            s, t = self._features["student"][pair["student"]], self._features["teacher"][pair["teacher"]]
+            proj = make_projection(s, t, pair["loss"])
+            if proj is not None:
+                projections[pair["student"].replace(".", "__")] = proj
+        for store in self._features.values():
+            store.clear()  # the hooks hold these dicts: clear, never rebind
+        if len(projections):
+            pl_module.distill_projections = projections
+
+    def _teacher_args(self, call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+        return self.teacher_inputs(*call) if self.teacher_inputs is not None else call
+
+    def _prepare_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "return_index"):
+            if getattr(dm, "augment", False):
+                warnings.warn("Distillation(cache=...): the training data is augmented, but cached teacher logits were "
+                              "computed on unaugmented examples; the student sees mismatched targets.", stacklevel=2)
+            dm.return_index = True
+            log.info("Distillation: datamodule switched to index-carrying training batches for the logit cache.")
+        self.cache = TeacherLogitCache(self.cache_path)
+        if self.cache.exists():
+            self.cache.load()
+            return
+        if self.teacher is None:
+            raise ConfigError(f"cache={self.cache_path!r} does not exist and no teacher was given to build it.")
+        loader = _sequential_loader(trainer)
+        strategy = trainer.strategy
+        if strategy.is_global_zero:
+            device = pl_module.device
+            self.teacher.to(device)
+            logits = compute_teacher_logits(self.teacher, loader, output_fn=self.output_fn, device=device)
+            labels = getattr(loader.dataset, "labels", None)
+            self.cache.save(logits, teacher_fingerprint=model_fingerprint(self.teacher),
+                            labels=labels if isinstance(labels, Tensor) else None)
+            log.info("Distillation: cached teacher logits for %d examples at %s", logits.shape[0], self.cache_path)
+        strategy.barrier("distillation_cache")
+        self.cache.load()
+
+    def _wrap_training_step(self, pl_module: L.LightningModule) -> None:
+        original = pl_module.training_step
+        callback = self
+
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            return callback._distil_step(original, pl_module, batch, *args, **kwargs)
+
+        pl_module.training_step = training_step  # instance attribute: the strategy calls this one
+        self._patched = pl_module
+        self._original_step = original
+
+    # ------------------------------------------------------------------------------ the step
+    def _distil_step(self, original: Callable, pl_module: L.LightningModule, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        index = None
+        if isinstance(batch, IndexedBatch):
+            index, batch = batch.index, batch.batch
+        self._capture.arm()
+        for store in self._features.values():
+            store.clear()
+        try:
+            out = original(batch, *args, **kwargs)
+        finally:
+            self._capture.armed = False
+        if out is None:  # the user skipped this batch
+            return out
+        task = out["loss"] if isinstance(out, Mapping) else out
+        if self._capture.calls == 0:
+            raise ConfigError(
+                f"Distillation: the student network ({type(target_module(pl_module, self.module_attr)).__name__}) was not "
+                "called in training_step; set module_attr to the attribute your training_step calls."
+            )
+        if self._capture.calls > 1 and not self._warned_calls:
+            log.warning("Distillation: the student ran %d times in one training_step; distilling its first call.",
+                        self._capture.calls)
+            self._warned_calls = True
+        student_logits = self.output_fn(self._capture.output)
+        if self.cache is not None:
+            if index is None:
+                raise ConfigError("Distillation(cache=...) needs batches with example indices: use one of our "
+                                  "datamodules or wrap your dataset in lightning_eff.data.indexed.IndexedDataset.")
+            teacher_logits = self.cache.lookup(index.to(student_logits.device))
+        else:
+            teacher_logits = self._run_teacher(student_logits.device)
+        check_logit_shapes(student_logits, teacher_logits)
+        step = pl_module.trainer.global_step
+        total = self._steps(pl_module.trainer)
+        temperature = self.temperature(step, total)
+        kd = kd_loss(student_logits, teacher_logits, temperature)
+        w_task, w_kd = self.task_weight(step, total), self.kd_weight(step, total)
+        loss = w_task * task + w_kd * kd
+        bs = student_logits.shape[0]
+        logs = {"distill/task_loss": task.detach(), "distill/kd_loss": kd.detach(), "distill/temperature": temperature}
+        if self.pairs:
+            feat = self._feature_loss(pl_module)
+            loss = loss + feat
+            logs["distill/feature_loss"] = feat.detach()
+        if self.log_agreement:
+            logs["distill/agreement"] = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+        pl_module.log_dict(logs, batch_size=bs, on_step=True, on_epoch=True)
+        if isinstance(out, Mapping):
+            return {**out, "loss": loss}
+        return loss
+
+    @torch.no_grad()
+    def _run_teacher(self, device: torch.device) -> Tensor:
+        teacher = self.teacher
+        if teacher.training:
+            teacher.eval()  # something called .train() on it: a teacher never trains
+        if next(teacher.parameters(), torch.empty(0, device=device)).device != device:
+            teacher.to(device)
+        args, kwargs = self._teacher_args((self._capture.args, self._capture.kwargs))
+        return self.output_fn(teacher(*move_data_to_device(args, device), **move_data_to_device(kwargs, device)))
+
+    def _feature_loss(self, pl_module: L.LightningModule) -> Tensor:
+        projections = getattr(pl_module, "distill_projections", {})
+        mask = self._capture.kwargs.get("attention_mask")
+        total = None
+        for pair in self.pairs:
+            s = self._features["student"].get(pair["student"])
+            t = self._features["teacher"].get(pair["teacher"])
+            if s is None or t is None:
+                missing = pair["student"] if s is None else pair["teacher"]
+                raise ConfigError(f"layers: module {missing!r} did not run in this step; map modules on the forward path.")
+            key = pair["student"].replace(".", "__")
+            proj = projections[key] if key in projections else None
+            value = FEATURE_LOSSES[pair["loss"]](s, t, proj, mask)
+            pl_module.log(f"distill/{pair['loss']}/{pair['student']}", value.detach(), batch_size=s.shape[0])
+            total = pair["weight"] * value if total is None else total + pair["weight"] * value
+        return total
+
+    def _steps(self, trainer: L.Trainer) -> float | None:
+        if self._total_steps is None:
+            try:
+                self._total_steps = float(trainer.estimated_stepping_batches)
+            except Exception:  # no loaders yet / infinite
+                return None
+        return self._total_steps
+
+    # ------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total_steps = None
+        if self.teacher is not None:
+            self.teacher.to(pl_module.device)
+        projections = getattr(pl_module, "distill_projections", None)
+        if projections is not None:
+            _ensure_in_optimizer(trainer, list(projections.parameters()))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.teacher is not None:
+            self.teacher.eval()  # fit's train() touches only the LightningModule; make it explicit anyway
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.log_agreement and self.teacher is not None and self.cache is None:
+            self._capture.arm()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._capture.armed:
+            return
+        self._capture.armed = False
+        if self._capture.calls == 0:
+            return
+        student = self.output_fn(self._capture.output)
+        teacher = self._run_teacher(student.device)
+        if student.shape == teacher.shape:
+            agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
+            pl_module.log("distill/val_agreement", agree, batch_size=student.shape[0], on_epoch=True, sync_dist=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._patched is not None:
+            self._patched.__dict__.pop("training_step", None)
+            self._patched = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.save_teacher and self.teacher is not None:
+            return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "teacher" in state_dict and self.teacher is not None:
+            self.teacher.load_state_dict(state_dict["teacher"])
+
+
+def _feature(output: Any, attention: bool, name: str) -> Tensor:
+    """The tensor of a hooked module's output: hidden states, or attention probabilities."""
+    if attention:
+        weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+        if weights is None:
+            raise ConfigError(
+                f"layers: {name!r} returned no attention weights; attention_kl needs eager attention "
+                "(e.g. BertClassifier(attn_implementation='eager')) on a self-attention module."
+            )
+        return weights
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ConfigError(f"layers: {name!r} returned {type(output).__name__}, not a tensor of features.")
+
+
+def _sequential_loader(trainer: L.Trainer):
+    """The training set in order, batches carrying indices, without consuming the global RNG."""
+    from torch.utils.data import DataLoader
+
+    dm = trainer.datamodule
+    loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
+    collate = loader.collate_fn
+    dataset = loader.dataset
+    if not isinstance(collate, IndexCollate) and not _yields_index(collate):
+        raise ConfigError("Distillation(cache=...) needs batches with example indices: use one of our datamodules or "
+                          "wrap your dataset in lightning_eff.data.indexed.IndexedDataset with IndexedCollate.")
+    return DataLoader(dataset, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=collate)
+
+
+def _yields_index(collate: Any) -> bool:
+    from lightning_eff.data.indexed import IndexedCollate
+
+    return isinstance(collate, IndexedCollate)
+
+
+def _ensure_in_optimizer(trainer: L.Trainer, params: list[nn.Parameter]) -> None:
+    """Add ``params`` as a new group of the first optimizer unless some optimizer already has them.
+
+    The new group copies the first group's hyper-parameters (lr, betas, scheduler keys such as
+    ``initial_lr``/``max_lr``), and schedulers that keep per-group base rates get one more entry.
+    """
+    if not params or not trainer.optimizers:
+        return
+    present = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    missing = [p for p in params if id(p) not in present]
+    if not missing:
+        return
+    opt = trainer.optimizers[0]
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    opt.add_param_group({"params": missing, **group})
+    for config in trainer.lr_scheduler_configs:
+        sched = config.scheduler
+        if getattr(sched, "optimizer", None) is opt:
+            for attr in ("base_lrs", "_last_lr"):
+                values = getattr(sched, attr, None)
+                if isinstance(values, list) and len(values) == len(opt.param_groups) - 1:
+                    values.append(values[0])
+    log.info("Distillation: added %d projection parameters to the optimizer.", len(missing))

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.infra.checkpoint_io import AtomicCheckpointIO
 from lightning_eff.infra.footprint import format_table, write_results
-from lightning_eff.infra.report import build_report
+from lightning_eff.infra.report import build_report, evaluate_accuracy
 from lightning_eff.models import list_models, model_signature
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "REPO_ROOT"]
@@ -45,8 +45,11 @@ RECIPE_DIR = REPO_ROOT / "recipes"
 
 TOP_LEVEL_KEYS = {
     "name", "seed", "data", "model", "task", "trainer", "callbacks", "finetune", "run_dir",
-    "test_after_fit", "print_report", "ckpt_path", "report",
+    "test_after_fit", "print_report", "ckpt_path", "report", "teacher",
 }
+# A teacher stage (distillation recipes): train or load the teacher, then hand it to Distillation.
+TEACHER_KEYS = {"model", "checkpoint", "max_epochs", "lr", "optimizer", "scheduler", "warmup_fraction",
+                "weight_decay", "limit_train_batches"}
 FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "scheduler", "warmup_fraction"}
 REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches"}
 ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "error"]
@@ -132,12 +135,14 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     _check_node_keys("<root>", c, TOP_LEVEL_KEYS)
     _check_target_node("data", c.get("data"))
-    model = c.get("model")
-    if not isinstance(model, Mapping) or "name" not in model:
-        raise ConfigError(f"model must be a mapping with a 'name' (one of {list_models()}), got {model!r}")
-    if model["name"] not in list_models():
-        raise ConfigError(f"model.name={model['name']!r} is not registered; choose one of {list_models()}.{did_you_mean(model['name'], list_models())}")
-    _check_kwargs("model", _model_factory(model["name"]), [k for k in model if k != "name"])
+    _check_model("model", c.get("model"))
+    teacher = c.get("teacher")
+    if teacher is not None:
+        _check_node_keys("teacher", teacher, TEACHER_KEYS)
+        if teacher.get("model") is None and teacher.get("checkpoint") is None:
+            raise ConfigError("teacher needs a model spec (to train it here) or a checkpoint (.ckpt or Hugging Face folder).")
+        if teacher.get("model") is not None:
+            _check_model("teacher.model", teacher["model"])
     _check_target_node("task", c.get("task"), extra=["model"])
     trainer = c.get("trainer") or {}
     valid_trainer = set(inspect.signature(L.Trainer.__init__).parameters) - _TRAINER_RESERVED
@@ -152,6 +157,14 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
             if node is not None:
                 _check_target_node(f"finetune.callbacks.{name}", node)
     _check_node_keys("report", c.get("report") or {}, REPORT_KEYS)
+
+
+def _check_model(key: str, model: Any) -> None:
+    if not isinstance(model, Mapping) or "name" not in model:
+        raise ConfigError(f"{key} must be a mapping with a 'name' (one of {list_models()}), got {model!r}")
+    if model["name"] not in list_models():
+        raise ConfigError(f"{key}.name={model['name']!r} is not registered; choose one of {list_models()}.{did_you_mean(model['name'], list_models())}")
+    _check_kwargs(key, _model_factory(model["name"]), [k for k in model if k != "name"])
 
 
 def _model_factory(name: str) -> Any:
@@ -177,8 +190,66 @@ def build(node: Mapping, key: str, **extra: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # running
 # --------------------------------------------------------------------------------------------
-def _callbacks(nodes: Mapping | None, key: str) -> list[L.Callback]:
-    return [build(node, f"{key}.{name}") for name, node in (nodes or {}).items() if node is not None]
+def _callbacks(nodes: Mapping | None, key: str, teacher: Any = None) -> list[L.Callback]:
+    """Build callback nodes; a ``Distillation`` node without a teacher gets the run's teacher stage."""
+    out = []
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        node = dict(node)
+        if teacher is not None and str(node["_target_"]).endswith("Distillation") and node.get("teacher") is None:
+            node["teacher"] = teacher
+        out.append(build(node, f"{key}.{name}"))
+    return out
+
+
+def _data_shaped(model_spec: dict, datamodule: Any) -> dict:
+    """Fill in what the data decides: classes always, input channels for image models, the vocabulary size."""
+    accepted = model_signature(model_spec["name"]).parameters
+    if model_spec.get("num_classes") is None and "num_classes" in accepted:
+        model_spec["num_classes"] = datamodule.num_classes
+    if model_spec.get("in_chans") is None and "in_chans" in accepted and hasattr(datamodule, "input_shape"):
+        model_spec["in_chans"] = datamodule.input_shape[0]
+    if model_spec.get("vocab_size") is None and "vocab_size" in accepted and getattr(datamodule, "vocab_size", None):
+        model_spec["vocab_size"] = datamodule.vocab_size
+    return model_spec
+
+
+def _teacher_stage(c: dict, datamodule: Any, run_dir: Path, multirun: bool) -> tuple[Any, str, dict]:
+    """Load the configured teacher checkpoint, or train the teacher on the same data and save it.
+
+    Returns ``(teacher module, checkpoint path, {"teacher/test_acc": ...})``; the teacher checkpoint is
+    written atomically to ``<run_dir>/teacher/teacher.ckpt`` so a failed student run never loses it.
+    """
+    from lightning_eff.learning.distillation.teacher import load_teacher
+
+    t = c["teacher"]
+    if t.get("checkpoint") is not None:
+        path = str(t["checkpoint"])
+        spec: Any = path
+        if not (path.endswith(".ckpt") or Path(path).expanduser().is_dir()):  # a plain state-dict file
+            if t.get("model") is None:
+                raise ConfigError(f"teacher.checkpoint={path!r} is a state-dict file; give teacher.model to build it.")
+            spec = _data_shaped(dict(t["model"], checkpoint=path), datamodule)
+        teacher = load_teacher(spec)
+    else:
+        task_node = dict(c["task"])
+        for key in ("lr", "optimizer", "scheduler", "warmup_fraction", "weight_decay"):
+            if t.get(key) is not None:
+                task_node[key] = t[key]
+        teacher_task = build(task_node, "task", model=_data_shaped(dict(t["model"]), datamodule))
+        trainer_cfg = dict(c.get("trainer") or {})
+        trainer_cfg.update({k: t[k] for k in ("max_epochs", "limit_train_batches") if t.get(k) is not None})
+        trainer_cfg["enable_checkpointing"] = False
+        t_trainer = _trainer(trainer_cfg, [], run_dir / "teacher", multirun)
+        t_trainer.fit(teacher_task, datamodule=datamodule)
+        path = str(run_dir / "teacher" / "teacher.ckpt")
+        t_trainer.save_checkpoint(path)
+        teacher = teacher_task.model
+    acc = evaluate_accuracy(copy.deepcopy(teacher).cpu().eval(), datamodule.test_dataloader(),
+                            2 if (c.get("trainer") or {}).get("fast_dev_run") else (c.get("report") or {}).get("eval_batches"))
+    log.info("teacher test accuracy %.4f (%s)", acc, path)
+    return teacher, path, {"teacher/test_acc": acc}
 
 
 def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) -> L.Trainer:
@@ -220,16 +291,15 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
 
     datamodule = build(c["data"], "data")
     datamodule.setup("fit")
-    model_spec = dict(c["model"])
-    # Shapes the data decides: classes always, input channels for image models.
-    accepted = model_signature(model_spec["name"]).parameters
-    if model_spec.get("num_classes") is None and "num_classes" in accepted:
-        model_spec["num_classes"] = datamodule.num_classes
-    if model_spec.get("in_chans") is None and "in_chans" in accepted and hasattr(datamodule, "input_shape"):
-        model_spec["in_chans"] = datamodule.input_shape[0]
+    teacher, teacher_path, teacher_metrics = None, None, {}
+    if c.get("teacher"):
+        teacher, teacher_path, teacher_metrics = _teacher_stage(c, datamodule, run_dir, multirun)
+    model_spec = _data_shaped(dict(c["model"]), datamodule)
+    if model_spec.get("init_from") == "teacher":  # a student initialised from this run's teacher
+        model_spec["init_from"] = teacher_path
     task = build(c["task"], "task", model=model_spec)
 
-    callbacks = _callbacks(c.get("callbacks"), "callbacks")
+    callbacks = _callbacks(c.get("callbacks"), "callbacks", teacher=teacher)
     trainer = _trainer(c.get("trainer") or {}, callbacks, run_dir, multirun)
     trainer.fit(task, datamodule=datamodule, ckpt_path=c.get("ckpt_path"))
     stages = [("fit", trainer, callbacks)]
@@ -258,7 +328,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
     final_trainer = stages[-1][1]
     if c.get("test_after_fit", True):
         final_trainer.test(task, datamodule=datamodule, verbose=False)
-    metrics = {k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}
+    metrics = {**teacher_metrics, **{k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}}
     report = build_report(task, datamodule, [cb for _, _, cbs in stages for cb in cbs], c.get("report") or {},
                           fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
     result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"], "run_dir": str(run_dir)}

@@ -27,9 +27,11 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -68,6 +70,14 @@ class _Capture:
     def arm(self) -> None:
         self.armed, self.calls, self.args, self.kwargs, self.output = True, 0, (), {}, None
 
+    def release(self) -> None:
+        """Drop the references (the step's graph, the batch) once used."""
+        self.armed, self.args, self.kwargs, self.output = False, (), {}, None
+
+    def __deepcopy__(self, memo: dict) -> _Capture:
+        # a deep copy of the hooked student (report, export) gets an idle capture, not this step's tensors
+        return _Capture()
+
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self.armed:
             return
@@ -95,13 +105,15 @@ class Distillation(L.Callback):
             ``"cosine"`` (DistilBERT), ``"attention_transfer"`` (CNN maps) or ``"attention_kl"``
             (transformer attention matrices; needs eager attention).
         feature_weight: default weight ``λ_f >= 0`` of each layer loss.
-        cache: path of a teacher-logit cache (offline distillation); built on first use.
+        cache: path of a teacher-logit cache (offline distillation); built on first use, rebuilt when it was
+            made for other data or another teacher. A relative path is under ``trainer.default_root_dir``.
         module_attr: attribute holding the student network (default ``"model"``; else the module itself).
         output_fn: extracts logits from the student's/teacher's output (default: ``.logits``/first/tensor).
         teacher_inputs: maps the student's ``(args, kwargs)`` to the teacher's; default the same inputs.
         teacher_class: LightningModule class to load a teacher ``.ckpt`` with.
         save_teacher: also store the teacher's weights in the checkpoint (off: a checkpoint stays the student's).
         log_agreement: log top-1 agreement with the teacher in training and validation.
+        report_teacher: offer the teacher as a ``"teacher"`` row of the end-of-run footprint report.
 
     Raises:
         ConfigError: ``T <= 0``, a weight outside ``[0, 1]``, an unknown loss kind or layer name, a
@@ -124,6 +136,7 @@ class Distillation(L.Callback):
         teacher_class: type | None = None,
         save_teacher: bool = False,
         log_agreement: bool = True,
+        report_teacher: bool = True,
     ) -> None:
         super().__init__()
         self.temperature = ScheduledValue("temperature", temperature, check_temperature)
@@ -142,6 +155,7 @@ class Distillation(L.Callback):
         self.teacher_inputs = teacher_inputs
         self.save_teacher = check_bool("save_teacher", save_teacher)
         self.log_agreement = check_bool("log_agreement", log_agreement)
+        self.report_teacher = check_bool("report_teacher", report_teacher)
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | None = None
         self._capture = _Capture()
@@ -238,24 +252,33 @@ class Distillation(L.Callback):
                               "computed on unaugmented examples; the student sees mismatched targets.", stacklevel=2)
             dm.return_index = True
             log.info("Distillation: datamodule switched to index-carrying training batches for the logit cache.")
-        self.cache = TeacherLogitCache(self.cache_path)
-        if self.cache.exists():
-            self.cache.load()
-            return
-        if self.teacher is None:
-            raise ConfigError(f"cache={self.cache_path!r} does not exist and no teacher was given to build it.")
+        path = Path(self.cache_path).expanduser()
+        if not path.is_absolute():  # relative to the run's folder (the CLI's run_dir), like Lightning's outputs
+            path = Path(trainer.default_root_dir) / path
+        self.cache = TeacherLogitCache(path)
         loader = _sequential_loader(trainer)
+        labels = _dataset_labels(loader.dataset)
+        expect = {"num_examples": len(loader.dataset), "labels": labels,
+                  "teacher_fingerprint": model_fingerprint(self.teacher) if self.teacher is not None else None}
+        if self.cache.exists():
+            try:
+                self.cache.load(**expect)
+                return
+            except ConfigError as err:
+                if self.teacher is None:
+                    raise
+                log.warning("Distillation: %s Rebuilding it from the teacher.", err)
+        elif self.teacher is None:
+            raise ConfigError(f"cache={str(path)!r} does not exist and no teacher was given to build it.")
         strategy = trainer.strategy
         if strategy.is_global_zero:
             device = pl_module.device
             self.teacher.to(device)
             logits = compute_teacher_logits(self.teacher, loader, output_fn=self.output_fn, device=device)
-            labels = getattr(loader.dataset, "labels", None)
-            self.cache.save(logits, teacher_fingerprint=model_fingerprint(self.teacher),
-                            labels=labels if isinstance(labels, Tensor) else None)
-            log.info("Distillation: cached teacher logits for %d examples at %s", logits.shape[0], self.cache_path)
+            self.cache.save(logits, teacher_fingerprint=expect["teacher_fingerprint"], labels=labels)
+            log.info("Distillation: cached teacher logits for %d examples at %s", logits.shape[0], path)
         strategy.barrier("distillation_cache")
-        self.cache.load()
+        self.cache.load(**expect)
 
     def _wrap_training_step(self, pl_module: L.LightningModule) -> None:
         original = pl_module.training_step
@@ -316,6 +339,9 @@ class Distillation(L.Callback):
         if self.log_agreement:
             logs["distill/agreement"] = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
         pl_module.log_dict(logs, batch_size=bs, on_step=True, on_epoch=True)
+        self._capture.release()
+        for store in self._features.values():
+            store.clear()
         if isinstance(out, Mapping):
             return {**out, "loss": loss}
         return loss
@@ -383,6 +409,7 @@ class Distillation(L.Callback):
         if student.shape == teacher.shape:
             agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
             pl_module.log("distill/val_agreement", agree, batch_size=student.shape[0], on_epoch=True, sync_dist=True)
+        self._capture.release()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -393,6 +420,12 @@ class Distillation(L.Callback):
         if self._patched is not None:
             self._patched.__dict__.pop("training_step", None)
             self._patched = None
+
+    def deployable_models(self) -> dict[str, nn.Module]:
+        """The teacher as a row of the end-of-run report, beside the student (``report_teacher``)."""
+        if not self.report_teacher or self.teacher is None:
+            return {}
+        return {"teacher": copy.deepcopy(self.teacher).cpu().eval()}
 
     def state_dict(self) -> dict[str, Any]:
         if self.save_teacher and self.teacher is not None:
@@ -435,6 +468,19 @@ def _sequential_loader(trainer: L.Trainer):
         raise ConfigError("Distillation(cache=...) needs batches with example indices: use one of our datamodules or "
                           "wrap your dataset in lightning_eff.data.indexed.IndexedDataset with IndexedCollate.")
     return DataLoader(dataset, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=collate)
+
+
+def _dataset_labels(dataset: Any) -> Tensor | None:
+    """The label tensor of our datasets (``labels`` / ``labels_t``) or a ``TensorDataset``'s second tensor."""
+    for attr in ("labels", "labels_t"):
+        value = getattr(dataset, attr, None)
+        if isinstance(value, Tensor):
+            return value
+    inner = getattr(dataset, "dataset", None)
+    tensors = getattr(inner, "tensors", None)
+    if isinstance(tensors, tuple) and len(tensors) > 1 and isinstance(tensors[1], Tensor):
+        return tensors[1]
+    return None
 
 
 def _yields_index(collate: Any) -> bool:

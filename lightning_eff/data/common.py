@@ -306,10 +306,12 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
     ``{"input_ids", "attention_mask", "labels"}`` padded per batch (int64). After :meth:`setup`:
     ``num_classes``, ``class_names``, ``tokenizer`` (``None`` for raw), ``vocab_size``,
     :meth:`texts`, :meth:`labels`, :meth:`sample_inputs`, ``split_indices``.
+    ``bucket_by_length=True`` draws training batches of similar lengths
+    (:class:`~lightning_eff.data.sampling.LengthBucketSampler`, seeded by ``seed``).
     """
 
     def __init__(self, *, tokenizer, vocab_size, max_length, batch_size, eval_batch_size, seed,
-                 limit_train, limit_val, limit_test, cache_dir, num_workers):
+                 limit_train, limit_val, limit_test, cache_dir, num_workers, bucket_by_length=False):
         super().__init__()
         from .tokenizers import check_tokenizer_option
 
@@ -324,6 +326,8 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         self.limit_test = check_int("data.limit_test", limit_test, low=1, allow_none=True)
         self.cache_dir = check_path("data.cache_dir", cache_dir, allow_none=True)
         self.num_workers = check_int("data.num_workers", num_workers, low=0)
+        # training batches of similar lengths (LengthBucketSampler): less padding, same epoch content
+        self.bucket_by_length = check_bool("data.bucket_by_length", bucket_by_length)
         self.tokenizer = None
         self._ready = False
         # training batches as IndexedBatch(index, batch) (offline distillation, pseudo-labels)
@@ -391,7 +395,13 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         self.setup()
         ds = self.datasets[split]
         collate = IndexCollate(ds.collate) if split == "train" and self.return_index else ds.collate
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+        sampler = None
+        if split == "train" and self.bucket_by_length:
+            from .sampling import LengthBucketSampler, example_lengths
+
+            # a DistributedSampler subclass: Lightning keeps it under DDP and calls set_epoch
+            sampler, shuffle = LengthBucketSampler(example_lengths(ds), batch_size, seed=self.seed), False
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

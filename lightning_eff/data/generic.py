@@ -258,7 +258,7 @@ class TextFileDataModule(TextClassificationDataModule):
             are carved out of it by ``val_fraction``/``test_fraction`` (seeded).
         text_field, label_field: column / key names.
         tokenizer, vocab_size, max_length, batch_size, eval_batch_size, seed, limit_*, cache_dir,
-            num_workers: as in :class:`~lightning_eff.data.WordNetSupersenseDataModule`.
+            num_workers, bucket_by_length: as in :class:`~lightning_eff.data.WordNetSupersenseDataModule`.
 
     Raises:
         ConfigError: an option is invalid, a field is missing, or val/test has labels train lacks.
@@ -270,10 +270,11 @@ class TextFileDataModule(TextClassificationDataModule):
                  max_length: int = 128, batch_size: int = 64, eval_batch_size: int | None = None,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
                  limit_val: int | None = None, limit_test: int | None = None, cache_dir: str | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, bucket_by_length: bool = False):
         super().__init__(tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, seed=seed, limit_train=limit_train, limit_val=limit_val,
-                         limit_test=limit_test, cache_dir=cache_dir, num_workers=num_workers)
+                         limit_test=limit_test, cache_dir=cache_dir, num_workers=num_workers,
+                         bucket_by_length=bucket_by_length)
         self.save_hyperparameters()
         self.paths = {"train": check_path("data.train_path", train_path), "val": check_path("data.val_path", val_path, allow_none=True),
                       "test": check_path("data.test_path", test_path, allow_none=True)}

@@ -93,6 +93,9 @@ class WordNetSupersenseDataModule(TextClassificationDataModule):
         limit_train, limit_val, limit_test: deterministic subsets of that many examples.
         cache_dir: where trained WordPiece tokenizers are cached (default ``~/.cache/lightning_eff/tokenizers``).
         num_workers: DataLoader workers.
+        bucket_by_length: training batches of similar token counts (word counts for ``"raw"``),
+            shuffled per epoch (:class:`~lightning_eff.data.sampling.LengthBucketSampler`): less
+            padding for BERT/LSTM/QRNN models. Val/test loaders are unaffected.
 
     Raises:
         ConfigError: an option is invalid (named ``data.<arg>``).
@@ -117,11 +120,12 @@ class WordNetSupersenseDataModule(TextClassificationDataModule):
         limit_test: int | None = None,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        bucket_by_length: bool = False,
     ):
         super().__init__(
             tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
             eval_batch_size=eval_batch_size, seed=seed, limit_train=limit_train, limit_val=limit_val,
-            limit_test=limit_test, cache_dir=cache_dir, num_workers=num_workers,
+            limit_test=limit_test, cache_dir=cache_dir, num_workers=num_workers, bucket_by_length=bucket_by_length,
         )
         self.root = check_path("data.root", root, allow_none=True)
         self.pos = _check_pos(pos)

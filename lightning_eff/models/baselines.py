@@ -170,13 +170,16 @@ class BertClassifier(nn.Module):
         size: one of :data:`BERT_SIZES`.
         max_length: position embeddings (the longest input).
         dropout: hidden and attention dropout.
+        num_layers, hidden, heads: override the size's depth, width and heads (intermediate = 4 * hidden).
+        attn_implementation: ``"sdpa"`` (fast) or ``"eager"`` (also returns attention probabilities).
 
     Raises:
         ConfigError: an unknown size or an option out of range.
     """
 
     def __init__(self, num_classes: int = 26, vocab_size: int = 8000, size: str = "base", max_length: int = 128,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, num_layers: int | None = None, hidden: int | None = None,
+                 heads: int | None = None, attn_implementation: str = "sdpa") -> None:
         super().__init__()
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -185,11 +188,18 @@ class BertClassifier(nn.Module):
         check_choice("model.size", size, list(BERT_SIZES))
         check_int("model.max_length", max_length, low=2)
         check_number("model.dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
-        layers, hidden, heads = BERT_SIZES[size]
+        check_choice("model.attn_implementation", attn_implementation, ["sdpa", "eager"])
+        layers, width, n_heads = BERT_SIZES[size]
+        layers = check_int("model.num_layers", num_layers, low=1, high=48, allow_none=True) or layers
+        width = check_int("model.hidden", hidden, low=8, allow_none=True) or width
+        n_heads = check_int("model.heads", heads, low=1, allow_none=True) or n_heads
+        if width % n_heads:
+            raise ConfigError(f"model.hidden={width} must be divisible by model.heads={n_heads}.")
         self.config = BertConfig(
-            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=4 * hidden, max_position_embeddings=max_length, num_labels=num_classes,
+            vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=n_heads,
+            intermediate_size=4 * width, max_position_embeddings=max_length, num_labels=num_classes,
             hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+            attn_implementation=attn_implementation,  # "eager" returns attention maps (attention_kl distillation)
         )
         self.bert = BertForSequenceClassification(self.config)
 
@@ -199,9 +209,11 @@ class BertClassifier(nn.Module):
 
 @register_model("bert_teacher")
 def bert_teacher(num_classes: int = 26, vocab_size: int = 8000, size: str = "base", max_length: int = 128,
-                 dropout: float = 0.1) -> BertClassifier:
+                 dropout: float = 0.1, num_layers: int | None = None, hidden: int | None = None,
+                 heads: int | None = None, attn_implementation: str = "sdpa") -> BertClassifier:
     """BERT teacher (default BERT-base shape, 12x768) from a ``BertConfig``, random init."""
-    return BertClassifier(num_classes, vocab_size, size, max_length, dropout)
+    return BertClassifier(num_classes, vocab_size, size, max_length, dropout, num_layers, hidden, heads,
+                          attn_implementation)
 
 
 @register_model("bert_tiny")

@@ -1,0 +1,177 @@
+"""Teacher vs student, with and without distillation: ``python -m lightning_eff.bench distillation``.
+
+Two tasks, one procedure (``--task``):
+
+- ``wordnet`` (default): a BERT teacher (6 layers x 256, from scratch, WordPiece vocabulary of
+  4000) on WordNet supersenses, distilled into a 2-layer student initialised from teacher layers
+  [0, 5] (DistilBERT-style), with cached teacher logits; the TF-IDF + linear SVM baseline is
+  trained on the same examples.
+- ``fmnist``: a MobileNetV2 width 1.0 teacher distilled online into a width 0.35 student on
+  Fashion-MNIST (``mobilenet_kd``).
+
+Procedure: train the teacher (or load ``--teacher-ckpt``, e.g. the ``teacher/teacher.ckpt`` of a
+``bert_student`` / ``bert_teacher`` run), then train the *same* student initialisation twice for
+the same epochs and batches: with the ``Distillation`` callback and without it. All through the
+real Lightning path (``ClassificationTask`` + callbacks). Accuracy is measured on the whole test
+split with one CPU loop for every model; latency is the median over repeats at batch 1 and 32 on
+real test inputs, every model at the same thread count.
+
+Final line: ``RESULT params_ratio=<student/teacher> latency_ratio_b1=<student/teacher>
+latency_ratio_b32=<student/teacher> acc_retained=<student KD acc / teacher acc>
+kd_gain_pts=<KD acc - no-KD acc, points>``. ``--quick`` trains on a small slice for one epoch (the
+accuracy keys then come from that tiny run).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_eff.bench.common import bench_parser, set_threads, write_bench
+from lightning_eff.infra.footprint import count_parameters, format_table, measure_latency, resize_batch, state_dict_bytes
+from lightning_eff.infra.report import evaluate_accuracy
+
+log = logging.getLogger(__name__)
+
+TASKS = {
+    "wordnet": {
+        "data": {"tokenizer": "wordpiece", "vocab_size": 4000, "max_length": 64, "batch_size": 64},
+        "teacher": {"name": "bert_teacher", "size": "mini", "num_layers": 6, "hidden": 256, "heads": 4, "max_length": 64},
+        "student_layers": 2,
+        "task": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.01, "scheduler": "onecycle", "warmup_fraction": 0.1},
+        "distill": {"temperature": 2.0, "kd_weight": 0.7, "task_weight": 0.3, "cache": "train_logits.pt"},
+        "epochs": 3, "quick_limit": 3000,
+    },
+    "fmnist": {
+        "data": {"batch_size": 128},
+        "teacher": {"name": "mobilenetv2", "width": 1.0, "small_input_stages": 1},
+        "student": {"name": "mobilenetv2", "width": 0.35, "small_input_stages": 1},
+        "task": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-5, "scheduler": "onecycle", "warmup_fraction": 0.15},
+        "distill": {"temperature": 4.0, "kd_weight": 0.7, "task_weight": 0.3},
+        "epochs": 4, "quick_limit": 2000,
+    },
+}
+
+
+def _datamodule(task: str, limit_train: int | None, limit_test: int | None, bucket: bool):
+    from lightning_eff.data import FashionMNISTDataModule, WordNetSupersenseDataModule
+
+    kw = dict(TASKS[task]["data"], limit_train=limit_train, limit_test=limit_test,
+              limit_val=None if limit_train is None else 512)
+    if task == "wordnet":
+        if bucket:
+            kw["bucket_by_length"] = True
+        dm = WordNetSupersenseDataModule(**kw)
+    else:
+        dm = FashionMNISTDataModule(**kw)
+    dm.setup("fit")
+    return dm
+
+
+def _shaped(spec: dict, dm) -> dict:
+    spec = dict(spec, num_classes=dm.num_classes)
+    if "vocab_size" not in spec and getattr(dm, "vocab_size", None) and spec["name"].startswith("bert"):
+        spec["vocab_size"] = dm.vocab_size
+    if hasattr(dm, "input_shape"):
+        spec["in_chans"] = dm.input_shape[0]
+    return spec
+
+
+def _fit(model: torch.nn.Module, dm, epochs: int, task_opts: dict, callbacks: list, root: Path,
+         limit_batches: int | None = None) -> tuple[torch.nn.Module, float]:
+    from lightning_eff.tasks import ClassificationTask
+
+    L.seed_everything(0, verbose=False)
+    task = ClassificationTask(model, num_classes=dm.num_classes, **task_opts)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        default_root_dir=str(root), limit_train_batches=limit_batches, limit_val_batches=0,
+                        gradient_clip_val=1.0, num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=dm)
+    return task.model.eval(), time.perf_counter() - start
+
+
+def _student(task: str, teacher: torch.nn.Module, dm) -> torch.nn.Module:
+    if task == "wordnet":
+        from lightning_eff.models.bert_student import student_from_teacher
+
+        return student_from_teacher(copy.deepcopy(teacher), TASKS[task]["student_layers"])
+    from lightning_eff.models import create_model
+
+    L.seed_everything(1, verbose=False)
+    return create_model(**_shaped(TASKS[task]["student"], dm))
+
+
+def _latency(model: torch.nn.Module, dm, batch: int, repeats: int) -> float:
+    inputs = resize_batch(dm.sample_inputs(max(batch, 32)), batch)
+    return measure_latency(model, inputs, warmup=3, repeats=repeats)  # dict inputs are passed as keywords
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    parser = bench_parser("distillation", __doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="wordnet")
+    parser.add_argument("--teacher-ckpt", default=None, help="a trained teacher (.ckpt of ClassificationTask)")
+    parser.add_argument("--epochs", type=int, default=None, help="student (and teacher) epochs")
+    parser.add_argument("--limit-train", type=int, default=None, help="training examples (default: all)")
+    parser.add_argument("--no-bucket", action="store_true", help="random (not length-bucketed) text batches")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    cfg = TASKS[args.task]
+    limit = args.limit_train or (cfg["quick_limit"] if args.quick else None)
+    epochs = args.epochs or (1 if args.quick else cfg["epochs"])
+    dm = _datamodule(args.task, limit, 1000 if args.quick else None, bucket=not args.no_bucket)
+    from lightning_eff.callbacks import Distillation
+    from lightning_eff.learning.distillation.teacher import load_teacher
+    from lightning_eff.models import create_model
+
+    root = Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    timings: dict[str, float] = {}
+    if args.teacher_ckpt:
+        teacher = load_teacher(args.teacher_ckpt).eval()
+    else:
+        L.seed_everything(0, verbose=False)
+        teacher, timings["teacher_fit_s"] = _fit(create_model(**_shaped(cfg["teacher"], dm)), dm, epochs, cfg["task"], [], root)
+    init = _student(args.task, teacher, dm)
+    distill = Distillation(teacher=copy.deepcopy(teacher), module_attr="model", report_teacher=False,
+                           **{k: (str(root / v) if k == "cache" else v) for k, v in cfg["distill"].items()})
+    if "cache" in cfg["distill"]:
+        dm.return_index = True
+    kd, timings["student_kd_fit_s"] = _fit(copy.deepcopy(init), dm, epochs, cfg["task"], [distill], root)
+    dm.return_index = False
+    plain, timings["student_fit_s"] = _fit(copy.deepcopy(init), dm, epochs, cfg["task"], [], root)
+
+    test = dm.test_dataloader()
+    rows: dict[str, dict[str, Any]] = {}
+    repeats = 5 if args.quick else 20
+    for name, model in (("teacher", teacher), ("student_kd", kd), ("student_no_kd", plain)):
+        rows[name] = {"test_acc": evaluate_accuracy(model, test), "params": count_parameters(model),
+                      "bytes": state_dict_bytes(model)}
+        with torch.no_grad():
+            rows[name]["latency_ms_b1"] = _latency(model, dm, 1, repeats)
+            rows[name]["latency_ms_b32"] = _latency(model, dm, 32, max(3, repeats // 2))
+    if args.task == "wordnet":
+        from lightning_eff.learning.baselines import tfidf_svm_baseline
+
+        svm = tfidf_svm_baseline(dm)
+        rows["tfidf_svm"] = {"test_acc": svm["test_acc"]}
+    print(format_table(rows))
+    t, s, p = rows["teacher"], rows["student_kd"], rows["student_no_kd"]
+    result = {
+        "params_ratio": s["params"] / t["params"],
+        "latency_ratio_b1": s["latency_ms_b1"] / t["latency_ms_b1"],
+        "latency_ratio_b32": s["latency_ms_b32"] / t["latency_ms_b32"],
+        "acc_retained": s["test_acc"] / max(t["test_acc"], 1e-9),
+        "kd_gain_pts": 100.0 * (s["test_acc"] - p["test_acc"]),
+    }
+    payload = {"task": args.task, "epochs": epochs, "limit_train": limit, "train_examples": len(dm.train_dataloader().dataset),
+               "teacher_ckpt": args.teacher_ckpt, "rows": rows, "timings_s": timings, "distill": cfg["distill"],
+               "quick": args.quick}
+    write_bench("distillation" if args.task == "wordnet" else f"distillation_{args.task}", payload, result, args.out)
+    return result

@@ -1,0 +1,120 @@
+"""BERT students from teacher layers, attention-matrix distillation, and the CLI's teacher stage."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, needs_fmnist, needs_wordnet
+from lightning_eff import ClassificationTask, ConfigError, Distillation
+from lightning_eff.cli import compose, run
+from lightning_eff.models import create_model
+from lightning_eff.models.bert_student import student_from_teacher, student_layer_map
+
+
+def _teacher(layers=4, **kw):
+    torch.manual_seed(0)
+    return create_model("bert_teacher", num_classes=5, vocab_size=60, size="tiny", num_layers=layers, max_length=16, **kw)
+
+
+def test_layer_map_is_distilbert_choice():
+    assert student_layer_map(12, 6) == [0, 2, 4, 7, 9, 11]  # HF DistilBERT's initialisation layers
+    assert student_layer_map(6, 2) == [0, 5]
+    assert student_layer_map(6, 1) == [5]
+    with pytest.raises(ConfigError, match="num_layers"):
+        student_layer_map(4, 5)
+
+
+def test_student_copies_teacher_layers_and_shares_shapes():
+    teacher = _teacher(4)
+    student = student_from_teacher(teacher, 2)
+    assert student.config.num_hidden_layers == 2 and student.config.vocab_size == teacher.config.vocab_size
+    src, dst = teacher.bert.bert, student.bert.bert
+    for k, i in enumerate([0, 3]):
+        for (n, a), (_, b) in zip(src.encoder.layer[i].state_dict().items(), dst.encoder.layer[k].state_dict().items()):
+            assert torch.equal(a, b), n
+    assert torch.equal(src.embeddings.word_embeddings.weight, dst.embeddings.word_embeddings.weight)
+    assert torch.equal(teacher.bert.classifier.weight, student.bert.classifier.weight)
+    # a copy, not shared storage: training the student never changes the teacher
+    assert dst.embeddings.word_embeddings.weight.data_ptr() != src.embeddings.word_embeddings.weight.data_ptr()
+    # a 1-layer "student" from a 1-layer teacher is the teacher itself, numerically
+    one = _teacher(1).eval()
+    ids, mask = torch.randint(0, 60, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    assert torch.allclose(student_from_teacher(one, 1).eval()(ids, mask), one(ids, mask), atol=1e-6)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
+def test_other_width_starts_random_and_bad_layers_refused():
+    teacher = _teacher(4)
+    narrow = student_from_teacher(teacher, 2, hidden=64, heads=2)
+    assert narrow.config.hidden_size == 64
+    with pytest.raises(ConfigError, match="layers"):
+        student_from_teacher(teacher, 2, layers=[0, 9])
+
+
+def test_attention_kl_between_bert_teacher_and_student(tmp_path):
+    """Transformer attention-matrix KL on eager attention; the student's first layer mimics teacher layer 3."""
+    teacher = _teacher(4, attn_implementation="eager").eval()
+    student = student_from_teacher(teacher, 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (32, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, 7:] = 0
+    labels = torch.randint(0, 5, (32,), generator=g)
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(32)]
+            return torch.utils.data.DataLoader(rows, batch_size=8)
+
+        def sample_inputs(self, n=1):
+            return {"input_ids": ids[:n], "attention_mask": mask[:n]}
+
+    task = ClassificationTask(student, num_classes=5, optimizer="adamw", lr=1e-3, scheduler="constant")
+    layer = "bert.bert.encoder.layer.{}.attention.self"
+    cb = Distillation(teacher=teacher, layers={layer.format(0): {"teacher": layer.format(3), "loss": "attention_kl"}},
+                      kd_weight=0.5, task_weight=0.5)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0, callbacks=[cb])
+    trainer.fit(task, datamodule=Data())
+    assert trainer.callback_metrics[f"distill/attention_kl/{layer.format(0)}"] > 0
+    sdpa_teacher = _teacher(4)
+    with pytest.raises(ConfigError, match="eager attention"):
+        _fit_attention(tmp_path, sdpa_teacher, Data(), layer)
+
+
+def _fit_attention(tmp_path, teacher, dm, layer):
+    task = ClassificationTask(student_from_teacher(teacher, 2), num_classes=5, scheduler="constant")
+    cb = Distillation(teacher=teacher, layers={layer.format(0): {"teacher": layer.format(3), "loss": "attention_kl"}})
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0, callbacks=[cb]).fit(task, datamodule=dm)
+
+
+@needs_wordnet
+def test_bert_student_recipe_trains_teacher_then_distils_from_cache(tmp_path):
+    overrides = [*TINY_OVERRIDES, f"run_dir={tmp_path}", "++teacher.max_epochs=1", "++teacher.limit_train_batches=3",
+                 "++teacher.model.num_layers=3", "model.num_layers=1", "++teacher.model.hidden=64", "++teacher.model.heads=2",
+                 "++data.vocab_size=500"]
+    out = run(compose("bert_student", overrides))
+    assert (tmp_path / "teacher" / "teacher.ckpt").is_file()
+    assert (tmp_path / "teacher" / "train_logits.pt").is_file()  # the cache, relative to the run folder
+    assert 0.0 <= out["metrics"]["teacher/test_acc"] <= 1.0
+    rows = out["report"]
+    assert {"fp32", "teacher"} <= set(rows)
+    assert rows["fp32"]["params"] < rows["teacher"]["params"]
+    # a second run reuses the trained teacher checkpoint (no teacher training) and the same student init
+    again = run(compose("bert_student", [*overrides, f"run_dir={tmp_path / 'second'}",
+                                         f"++teacher.checkpoint={tmp_path / 'teacher' / 'teacher.ckpt'}"]))
+    assert again["metrics"]["teacher/test_acc"] == pytest.approx(out["metrics"]["teacher/test_acc"])
+    assert not (tmp_path / "second" / "teacher" / "teacher.ckpt").exists()
+
+
+@needs_fmnist
+def test_mobilenet_kd_recipe_and_bad_teacher_config(tmp_path):
+    overrides = [*TINY_OVERRIDES, f"run_dir={tmp_path}", "++teacher.max_epochs=1", "++teacher.limit_train_batches=2"]
+    out = run(compose("mobilenet_kd", overrides))
+    assert "teacher" in out["report"] and "teacher/test_acc" in out["metrics"]
+    with pytest.raises(ConfigError, match="unknown key teacher.epochs"):
+        run(compose("mobilenet_kd", [*overrides, "++teacher.epochs=3"]))
+    with pytest.raises(ConfigError, match="teacher.model.name='mobilnetv2'.*Did you mean 'mobilenetv2'"):
+        run(compose("mobilenet_kd", [*overrides, "teacher.model.name=mobilnetv2"]))

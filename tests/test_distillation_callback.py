@@ -16,7 +16,7 @@ from lightning_eff.data.indexed import IndexedCollate, IndexedDataset
 from lightning_eff.learning.distillation import kd_loss
 from lightning_eff.models import create_model
 
-from conftest import needs_fmnist
+from conftest import needs_fmnist, needs_wordnet
 
 
 class Data(L.LightningDataModule):
@@ -265,3 +265,42 @@ class _Indirect(UserModule):
         for layer in self.net:
             h = layer(h)
         return F.cross_entropy(h, y)
+
+
+@needs_fmnist
+def test_pseudo_labels_extend_the_training_set_with_confident_teacher_labels(tmp_path):
+    from lightning_eff.data import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(limit_train=64, limit_val=32, limit_test=32, batch_size=32, resize=16, val_size=59000)
+    dm.setup("fit")
+    pool = dm.unlabeled_set()
+    assert len(pool) == 1000 - 64 and bool((pool.labels == -1).all())  # 60k - 59k held out, minus the 64 kept
+    teacher = _teacher()
+    cb = Distillation(teacher=teacher, module_attr="net", pseudo_labels=0.0)
+    _trainer(tmp_path, [cb], max_steps=1).fit(UserModule(), datamodule=dm)
+    assert cb.pseudo_label_stats == {"pool": 936, "kept": 936, "train_examples": 1000}
+    with torch.no_grad():
+        expected = teacher(pool.transform(pool.images[:8], augment=False)).argmax(-1)
+    assert torch.equal(dm.train_set.labels[64:72], expected)
+    strict = FashionMNISTDataModule(limit_train=64, limit_val=32, limit_test=32, batch_size=32, resize=16, val_size=59000)
+    cb2 = Distillation(teacher=teacher, module_attr="net", pseudo_labels=0.99)
+    _trainer(tmp_path, [cb2], max_steps=1).fit(UserModule(), datamodule=strict)
+    assert cb2.pseudo_label_stats["kept"] < 936  # an untrained teacher is rarely 99% sure
+    with pytest.raises(ConfigError, match="no unlabeled pool"):
+        FashionMNISTDataModule(val_size=59000, limit_val=8, limit_test=8).unlabeled_set()
+    with pytest.raises(ConfigError, match="pseudo_labels"):
+        Distillation(teacher=teacher, pseudo_labels=1.0)
+
+
+@needs_wordnet
+def test_text_pool_and_pseudo_labels():
+    from lightning_eff.data import WordNetSupersenseDataModule
+
+    dm = WordNetSupersenseDataModule(tokenizer="raw", limit_train=200, limit_val=16, limit_test=16)
+    dm.setup("fit")
+    pool = dm.unlabeled_set()
+    assert len(pool) == 65691 - 200
+    assert dm.add_pseudo_labels(torch.tensor([0, 5]), torch.tensor([3, 4])) == 202
+    assert dm.texts("train")[-2:] == [pool.texts[0], pool.texts[5]] and dm.labels("train")[-2:] == [3, 4]
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["text"]) == len(batch["labels"])

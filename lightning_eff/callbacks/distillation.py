@@ -40,13 +40,16 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_eff.callbacks.common import target_module
+from lightning_eff.callbacks.distillation_utils import (
+    dataset_labels, ensure_in_optimizer, module_feature, sequential_indexed_loader,
+)
 from lightning_eff.data.indexed import IndexCollate, IndexedBatch
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.learning.distillation.losses import (
     FEATURE_LOSSES, check_logit_shapes, check_temperature, check_weight, kd_loss, make_projection,
 )
 from lightning_eff.learning.distillation.offline import (
-    TeacherLogitCache, call_with_inputs, compute_teacher_logits, default_output_fn, model_fingerprint,
+    TeacherLogitCache, call_with_inputs, compute_teacher_logits, default_output_fn, model_fingerprint, pseudo_label,
 )
 from lightning_eff.schedules import ScheduledValue
 from lightning_eff.learning.distillation.teacher import check_not_student, freeze_teacher, load_teacher
@@ -114,6 +117,9 @@ class Distillation(L.Callback):
         save_teacher: also store the teacher's weights in the checkpoint (off: a checkpoint stays the student's).
         log_agreement: log top-1 agreement with the teacher in training and validation.
         report_teacher: offer the teacher as a ``"teacher"`` row of the end-of-run footprint report.
+        pseudo_labels: confidence threshold in ``[0, 1)``: before training, the teacher labels the datamodule's
+            unlabeled pool (``datamodule.unlabeled_set()``; for ours, the training examples ``limit_train`` left
+            out) and the examples it is at least this sure about join the training set with its labels.
 
     Raises:
         ConfigError: ``T <= 0``, a weight outside ``[0, 1]``, an unknown loss kind or layer name, a
@@ -137,6 +143,7 @@ class Distillation(L.Callback):
         save_teacher: bool = False,
         log_agreement: bool = True,
         report_teacher: bool = True,
+        pseudo_labels: float | None = None,
     ) -> None:
         super().__init__()
         self.temperature = ScheduledValue("temperature", temperature, check_temperature)
@@ -156,6 +163,11 @@ class Distillation(L.Callback):
         self.save_teacher = check_bool("save_teacher", save_teacher)
         self.log_agreement = check_bool("log_agreement", log_agreement)
         self.report_teacher = check_bool("report_teacher", report_teacher)
+        self.pseudo_labels = check_number("pseudo_labels", pseudo_labels, low=0.0, high=1.0, high_inclusive=False,
+                                          allow_none=True)
+        if pseudo_labels is not None and teacher is None:
+            raise ConfigError("pseudo_labels needs a teacher to label the pool (not just a logit cache).")
+        self.pseudo_label_stats: dict[str, int] = {}
         self.teacher: nn.Module | None = None
         self.cache: TeacherLogitCache | None = None
         self._capture = _Capture()
@@ -195,9 +207,27 @@ class Distillation(L.Callback):
         if self.pairs:
             self._hook_layers(student, self.teacher)
             self._build_projections(trainer, pl_module, student)
+        if self.pseudo_labels is not None and not self.pseudo_label_stats:
+            self._add_pseudo_labels(trainer, pl_module)
         if self.cache_path is not None:
             self._prepare_cache(trainer, pl_module)
         self._wrap_training_step(pl_module)
+
+    def _add_pseudo_labels(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.utils.data import DataLoader
+
+        dm = trainer.datamodule
+        if not (callable(getattr(dm, "unlabeled_set", None)) and callable(getattr(dm, "add_pseudo_labels", None))):
+            raise ConfigError("pseudo_labels needs a datamodule with unlabeled_set() and add_pseudo_labels(indices, labels) "
+                              f"(ours have them); got {type(dm).__name__}.")
+        pool = dm.unlabeled_set()
+        loader = DataLoader(pool, batch_size=256, shuffle=False, collate_fn=IndexCollate(pool.collate))
+        keep, labels, _ = pseudo_label(self.teacher, loader, threshold=self.pseudo_labels, output_fn=self.output_fn,
+                                       device=pl_module.device)
+        total = dm.add_pseudo_labels(keep, labels)
+        self.pseudo_label_stats = {"pool": len(pool), "kept": int(keep.numel()), "train_examples": int(total)}
+        log.info("Distillation: teacher pseudo-labelled %d of %d pool examples (confidence >= %.2f); %d training examples.",
+                 keep.numel(), len(pool), self.pseudo_labels, total)
 
     def _hook_layers(self, student: nn.Module, teacher: nn.Module) -> None:
         for side, net in (("student", student), ("teacher", teacher)):
@@ -213,7 +243,7 @@ class Distillation(L.Callback):
                 attention = pair["loss"] == "attention_kl"
 
                 def hook(module, args, output, store=store, name=name, attention=attention):
-                    store[name] = _feature(output, attention, name)
+                    store[name] = module_feature(output, attention, name)
 
                 self._handles.append(names[name].register_forward_hook(hook))
 
@@ -256,8 +286,8 @@ class Distillation(L.Callback):
         if not path.is_absolute():  # relative to the run's folder (the CLI's run_dir), like Lightning's outputs
             path = Path(trainer.default_root_dir) / path
         self.cache = TeacherLogitCache(path)
-        loader = _sequential_loader(trainer)
-        labels = _dataset_labels(loader.dataset)
+        loader = sequential_indexed_loader(trainer)
+        labels = dataset_labels(loader.dataset)
         expect = {"num_examples": len(loader.dataset), "labels": labels,
                   "teacher_fingerprint": model_fingerprint(self.teacher) if self.teacher is not None else None}
         if self.cache.exists():
@@ -388,7 +418,7 @@ class Distillation(L.Callback):
             self.teacher.to(pl_module.device)
         projections = getattr(pl_module, "distill_projections", None)
         if projections is not None:
-            _ensure_in_optimizer(trainer, list(projections.parameters()))
+            ensure_in_optimizer(trainer, list(projections.parameters()))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.teacher is not None:
@@ -435,80 +465,3 @@ class Distillation(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "teacher" in state_dict and self.teacher is not None:
             self.teacher.load_state_dict(state_dict["teacher"])
-
-
-def _feature(output: Any, attention: bool, name: str) -> Tensor:
-    """The tensor of a hooked module's output: hidden states, or attention probabilities."""
-    if attention:
-        weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
-        if weights is None:
-            raise ConfigError(
-                f"layers: {name!r} returned no attention weights; attention_kl needs eager attention "
-                "(e.g. BertClassifier(attn_implementation='eager')) on a self-attention module."
-            )
-        return weights
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise ConfigError(f"layers: {name!r} returned {type(output).__name__}, not a tensor of features.")
-
-
-def _sequential_loader(trainer: L.Trainer):
-    """The training set in order, batches carrying indices, without consuming the global RNG."""
-    from torch.utils.data import DataLoader
-
-    dm = trainer.datamodule
-    loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
-    collate = loader.collate_fn
-    dataset = loader.dataset
-    if not isinstance(collate, IndexCollate) and not _yields_index(collate):
-        raise ConfigError("Distillation(cache=...) needs batches with example indices: use one of our datamodules or "
-                          "wrap your dataset in lightning_eff.data.indexed.IndexedDataset with IndexedCollate.")
-    return DataLoader(dataset, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=collate)
-
-
-def _dataset_labels(dataset: Any) -> Tensor | None:
-    """The label tensor of our datasets (``labels`` / ``labels_t``) or a ``TensorDataset``'s second tensor."""
-    for attr in ("labels", "labels_t"):
-        value = getattr(dataset, attr, None)
-        if isinstance(value, Tensor):
-            return value
-    inner = getattr(dataset, "dataset", None)
-    tensors = getattr(inner, "tensors", None)
-    if isinstance(tensors, tuple) and len(tensors) > 1 and isinstance(tensors[1], Tensor):
-        return tensors[1]
-    return None
-
-
-def _yields_index(collate: Any) -> bool:
-    from lightning_eff.data.indexed import IndexedCollate
-
-    return isinstance(collate, IndexedCollate)
-
-
-def _ensure_in_optimizer(trainer: L.Trainer, params: list[nn.Parameter]) -> None:
-    """Add ``params`` as a new group of the first optimizer unless some optimizer already has them.
-
-    The new group copies the first group's hyper-parameters (lr, betas, scheduler keys such as
-    ``initial_lr``/``max_lr``), and schedulers that keep per-group base rates get one more entry.
-    """
-    if not params or not trainer.optimizers:
-        return
-    present = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-    missing = [p for p in params if id(p) not in present]
-    if not missing:
-        return
-    opt = trainer.optimizers[0]
-    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
-    opt.add_param_group({"params": missing, **group})
-    for config in trainer.lr_scheduler_configs:
-        sched = config.scheduler
-        if getattr(sched, "optimizer", None) is opt:
-            for attr in ("base_lrs", "_last_lr"):
-                values = getattr(sched, attr, None)
-                if isinstance(values, list) and len(values) == len(opt.param_groups) - 1:
-                    values.append(values[0])
-    log.info("Distillation: added %d projection parameters to the optimizer.", len(missing))

@@ -9,6 +9,7 @@ few milliseconds per epoch instead of the seconds a per-sample PIL pipeline cost
 from __future__ import annotations
 
 import abc
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -230,6 +231,9 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
         self._input_shape: tuple[int, int, int] = (0, 0, 0)  # (C, H, W) set by each subclass __init__
         # training batches as IndexedBatch(index, batch) (offline distillation, pseudo-labels)
         self.return_index = False
+        # () -> uint8 images of the training split left out by limit_train (pseudo-label pool)
+        self._pool_images = None
+        self._pool_set: BatchGatherDataset | None = None
 
     # --- subclass hooks -------------------------------------------------------------------
     @abc.abstractmethod
@@ -279,6 +283,37 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def unlabeled_set(self) -> BatchGatherDataset:
+        """The pseudo-label pool: training-split images left out by ``limit_train``, labels hidden (-1).
+
+        Raises:
+            ConfigError: no pool (``data.limit_train`` unset or covering the whole split).
+        """
+        self.setup()
+        if self._pool_set is None:
+            images = self._pool_images() if self._pool_images is not None else None
+            if images is None or not len(images):
+                raise ConfigError(
+                    f"no unlabeled pool: data.limit_train={self.limit_train} keeps the whole training split; set it "
+                    "below the split size so the remaining images form the pool for pseudo-labels."
+                )
+            pool = copy.copy(self.train_set)
+            pool.images, pool.labels, pool.augment = images, torch.full((len(images),), -1, dtype=torch.long), False
+            self._pool_set = pool
+        return self._pool_set
+
+    def add_pseudo_labels(self, pool_indices: torch.Tensor, labels: torch.Tensor) -> int:
+        """Append pool examples ``pool_indices`` with (teacher) ``labels`` to the training set; returns its new size."""
+        pool = self.unlabeled_set()
+        idx = torch.as_tensor(pool_indices, dtype=torch.long)
+        if idx.numel() != torch.as_tensor(labels).numel():
+            raise ConfigError(f"{idx.numel()} pool indices but {torch.as_tensor(labels).numel()} labels.")
+        train = copy.copy(self.train_set)
+        train.images = torch.cat([self.train_set.images, pool.images[idx]])
+        train.labels = torch.cat([self.train_set.labels, torch.as_tensor(labels, dtype=torch.long)])
+        self.train_set = train
+        return len(train)
 
     # --- helpers for subclasses ------------------------------------------------------------
     def _make_set(self, images, labels, idx, *, channels, mean, std, train: bool, pad: int) -> BatchGatherDataset:
@@ -332,6 +367,7 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         self._ready = False
         # training batches as IndexedBatch(index, batch) (offline distillation, pseudo-labels)
         self.return_index = False
+        self._pool_texts: list[str] = []  # training texts left out by limit_train (pseudo-label pool)
 
     @abc.abstractmethod
     def _read(self) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
@@ -350,6 +386,8 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         for name, (texts, labels) in splits.items():
             keep = take_limit(np.arange(len(texts)), limits[name], self.seed)
             self._data[name] = ([texts[i] for i in keep], [int(labels[i]) for i in keep])
+            if name == "train":
+                self._pool_texts = [texts[i] for i in np.setdiff1d(np.arange(len(texts)), keep)]
             if name in self.split_indices:  # map back to the source rows for inspection/tests
                 self.split_indices[name] = self.split_indices[name][keep]
         self.tokenizer = load_tokenizer(
@@ -383,6 +421,35 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         """The class indices of ``split`` after limits."""
         self.setup()
         return list(self._data[check_choice("split", split, ["train", "val", "test"])][1])
+
+    def unlabeled_set(self):
+        """The pseudo-label pool: training texts left out by ``limit_train``, labels hidden (-1).
+
+        Raises:
+            ConfigError: no pool (``data.limit_train`` unset or covering the whole split).
+        """
+        from .tokenizers import TextDataset
+
+        self.setup()
+        if not self._pool_texts:
+            raise ConfigError(
+                f"no unlabeled pool: data.limit_train={self.limit_train} keeps the whole training split; set it "
+                "below the split size so the remaining texts form the pool for pseudo-labels."
+            )
+        return TextDataset(self._pool_texts, [-1] * len(self._pool_texts), self.tokenizer, self.max_length)
+
+    def add_pseudo_labels(self, pool_indices, labels) -> int:
+        """Append pool texts ``pool_indices`` with (teacher) ``labels`` to the training set; returns its new size."""
+        from .tokenizers import TextDataset
+
+        idx = [int(i) for i in torch.as_tensor(pool_indices).tolist()]
+        new_labels = [int(y) for y in torch.as_tensor(labels).tolist()]
+        if len(idx) != len(new_labels):
+            raise ConfigError(f"{len(idx)} pool indices but {len(new_labels)} labels.")
+        texts, ys = self._data["train"]
+        self._data["train"] = (texts + [self._pool_texts[i] for i in idx], ys + new_labels)
+        self.datasets["train"] = TextDataset(*self._data["train"], self.tokenizer, self.max_length)
+        return len(self._data["train"][0])
 
     def sample_inputs(self, n: int = 1) -> dict:
         """Model inputs of ``n`` real validation examples (cycling when the split is smaller)."""

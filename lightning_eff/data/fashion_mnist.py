@@ -146,7 +146,9 @@ class FashionMNISTDataModule(ImageTensorDataModule):
             raise ConfigError(f"data.val_size={self.val_size} must be below the {len(xtr)} training images in {folder}.")
         train_idx, val_idx, _ = split_three(len(xtr), self.val_size, 0, self.seed)
         test_idx = np.arange(len(xte))
-        train_idx = take_limit(train_idx, self.limit_train, self.seed)
+        kept = take_limit(train_idx, self.limit_train, self.seed)
+        pool_idx = np.setdiff1d(train_idx, kept)  # left out by limit_train: the pseudo-label pool
+        train_idx = kept
         val_idx = take_limit(val_idx, self.limit_val, self.seed)
         test_idx = take_limit(test_idx, self.limit_test, 0)  # test subset independent of the split seed
         self.split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}
@@ -164,5 +166,6 @@ class FashionMNISTDataModule(ImageTensorDataModule):
         imgs_te = resize_uint8(xte[torch.as_tensor(test_idx, dtype=torch.long)], size)
         labels_te = yte[torch.as_tensor(test_idx, dtype=torch.long)]
         self.train_set = self._make_set(imgs_tr, labels_tr, local_tr, train=True, **kw)
+        self._pool_images = lambda: resize_uint8(xtr[torch.as_tensor(pool_idx, dtype=torch.long)], size)
         self.val_set = self._make_set(imgs_tr, labels_tr, local_val, train=False, **kw)
         self.test_set = self._make_set(imgs_te, labels_te, np.arange(len(test_idx)), train=False, **kw)

@@ -196,10 +196,12 @@ class CIFAR10DataModule(ImageTensorDataModule):
         if self.val_size >= len(ytr):
             raise ConfigError(f"data.val_size={self.val_size} must be below the {len(ytr)} training images.")
         train, val, _ = split_three(len(ytr), self.val_size, 0, self.seed)
-        train, val = take_limit(train, self.limit_train, self.seed), take_limit(val, self.limit_val, self.seed)
+        kept, val = take_limit(train, self.limit_train, self.seed), take_limit(val, self.limit_val, self.seed)
+        pool, train = np.setdiff1d(train, kept), kept  # left out by limit_train: the pseudo-label pool
         test = take_limit(np.arange(len(yte)), self.limit_test, 0)
         self.split_indices = {"train": train, "val": val, "test": test}
         self._class_names = names
+        self._pool_images = lambda: xtr[torch.as_tensor(pool, dtype=torch.long)]
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if self.normalize else (None, None)
         kw = dict(channels=3, mean=mean, std=std, pad=4)
         self.train_set = self._make_set(xtr, ytr, train, train=True, **kw)

@@ -304,3 +304,20 @@ def test_text_pool_and_pseudo_labels():
     assert dm.texts("train")[-2:] == [pool.texts[0], pool.texts[5]] and dm.labels("train")[-2:] == [3, 4]
     batch = next(iter(dm.train_dataloader()))
     assert len(batch["text"]) == len(batch["labels"])
+
+
+def test_stale_cache_is_rebuilt_with_a_teacher_and_refused_without(tmp_path):
+    path = str(tmp_path / "logits.pt")
+    first, second = _teacher(1), _teacher(2)
+    _trainer(tmp_path, [Distillation(teacher=first, cache=path, module_attr="net")], max_steps=1).fit(
+        UserModule(), datamodule=Data(indexed=True))
+    cb = Distillation(teacher=second, cache=path, module_attr="net")
+    _trainer(tmp_path, [cb], max_steps=1).fit(UserModule(), datamodule=Data(indexed=True))
+    with torch.no_grad():
+        assert torch.allclose(cb.cache.logits[:8], second(Data().x[:8]), atol=1e-5)  # rebuilt by the new teacher
+    with pytest.raises(ConfigError, match="holds 48 examples but the training set has 40"):
+        _trainer(tmp_path, [Distillation(cache=path, module_attr="net")], max_steps=1).fit(
+            UserModule(), datamodule=Data(n=40, indexed=True))
+    with pytest.raises(ConfigError, match="needs batches with example indices"):
+        _trainer(tmp_path, [Distillation(teacher=first, cache=str(tmp_path / "x.pt"), module_attr="net")],
+                 max_steps=1).fit(UserModule(), datamodule=Data(indexed=False))

@@ -9,7 +9,7 @@ APT_PACKAGES := dataset-fashion-mnist wordnet-base
 DATA_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data venv train test test-fast bench clean
+.PHONY: setup data venv train test test-strict test-fast bench clean
 
 setup: data venv
 
@@ -33,6 +33,11 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# `make test` with every warning an error, so new deprecations (torch, lightning, torchao) surface;
+# CI runs it through .ci/run-strict as a job that is allowed to fail.
+test-strict: setup
+	LIGHTNING_EFF_STRICT_WARNINGS=1 $(PY) -m pytest -q -W error
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not ddp"

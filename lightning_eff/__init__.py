@@ -6,7 +6,15 @@ Attach a technique to any LightningModule in one line::
 
 or run a recipe: ``python train.py +recipe=mobilenet_qat``.
 """
-from lightning_eff.callbacks import Distillation, Export, FootprintMonitor, PostTrainingQuantization, Pruning, QuantizationAwareTraining
+from lightning_eff.callbacks import (
+    Distillation,
+    Export,
+    FootprintMonitor,
+    PostTrainingQuantization,
+    Pruning,
+    QuantizationAwareTraining,
+    WeightOnlyQuantization,
+)
 from lightning_eff.compression.pruning import load_sparse, prune, prune_channels, save_sparse
 from lightning_eff.data import (
     CIFAR10DataModule,
@@ -38,6 +46,7 @@ __all__ = [
     "Pruning",
     "QuantizationAwareTraining",
     "TextFileDataModule",
+    "WeightOnlyQuantization",
     "WordNetSupersenseDataModule",
     "count_macs",
     "count_nonzero_parameters",

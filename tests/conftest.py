@@ -42,6 +42,9 @@ TINY_OVERRIDES = [
 
 @pytest.fixture(autouse=True)
 def _quiet_warnings():
+    if os.environ.get("LIGHTNING_EFF_STRICT_WARNINGS"):  # make test-strict: every warning is an error
+        yield
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)

@@ -4,5 +4,6 @@ from lightning_eff.callbacks.footprint import FootprintMonitor
 from lightning_eff.callbacks.export import Export
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_eff.callbacks.weight_only import WeightOnlyQuantization
 
-__all__ = ["Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining"]
+__all__ = ["Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]

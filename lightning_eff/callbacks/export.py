@@ -1,14 +1,22 @@
 """``Export`` callback: write every deployable variant of the trained model, load it back, verify it.
 
 At the end of fit it collects the trained float network and the int8 models that other callbacks
-offer through ``deployable_models()`` (QAT, PTQ), and writes, per variant and format:
+offer through ``deployable_models()`` (QAT, PTQ; callbacks with ``exportable = False``, such as
+weight-only quantization, write their own files and are skipped), and writes, per variant and format:
 
 * ``pt`` — TorchScript (float, or FX int8 with the engine recorded in the artifact's metadata);
 * ``ptl`` — lite-interpreter (PyTorch Mobile) program, same metadata;
 * ``pte`` — ExecuTorch program with the XNNPACK delegate: the float model, pt2e-quantized variants,
   and — when no pt2e variant exists — an int8 program made by pt2e static PTQ of the float model
   calibrated on training batches (``ptq_int8_xnnpack``). torch.ao/FX int8 models cannot go
-  through ``torch.export``, so they are not lowered to ``.pte`` (logged, not an error);
+  through ``torch.export``, so they are not lowered to ``.pte`` (logged, not an error). When the
+  trained network is an FX *fake-quant* QAT model, its QAT-trained weights still reach ExecuTorch
+  as ``qat_weights_ptq_int8_xnnpack``: the fake-quant modules are stripped (BN folded into the
+  conv with its running statistics, exactly the weights the QAT forward quantized), and that
+  float network is quantized by pt2e static PTQ with XNNPACK's symmetric per-channel config,
+  calibrated on training batches. We chose this over a second (pt2e) QAT pass because it costs
+  no training and keeps one QAT run for all targets; the name says what it is: QAT-trained weights,
+  pt2e-calibrated activation ranges (the QAT observers' FX ranges are not carried over);
 * ``onnx`` — optional, float only.
 
 Each file is loaded back and compared with the model it came from on real inputs different from
@@ -39,9 +47,10 @@ from lightning_eff.infra import export as ex
 from lightning_eff.infra.footprint import file_bytes, gzip_size, measure_latency
 from lightning_eff.validation import check_bool, check_choice, check_int
 
-__all__ = ["Export", "FORMATS"]
+__all__ = ["Export", "FORMATS", "float_from_fx_qat"]
 
 FORMATS = ["pt", "ptl", "pte", "onnx"]
+_QAT_PTE = "qat_weights_ptq_int8_xnnpack"  # FX QAT-trained weights, pt2e PTQ-calibrated, XNNPACK int8
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +64,35 @@ def _is_pt2e_int8(model: nn.Module) -> bool:
     return graph is not None and any(
         n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes
     )
+
+
+def _is_fx_qat(model: nn.Module) -> bool:
+    """An FX QAT-prepared network: torch.ao QAT modules carry a ``weight_fake_quant`` (pt2e graphs do not)."""
+    return isinstance(model, torch.fx.GraphModule) and any(hasattr(m, "weight_fake_quant") for m in model.modules())
+
+
+def float_from_fx_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A float CPU copy of an FX QAT-prepared model with its QAT-trained weights, for pt2e/ExecuTorch.
+
+    Activation fake-quant nodes become identities and every torch.ao QAT module is replaced by its
+    ``to_float()`` (fused Conv-BN(-ReLU) QAT modules fold BN with its running statistics, which is
+    what the QAT forward quantized in eval mode). ``prepared`` is not modified.
+    """
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+    model = cpu_copy(prepared)
+    for node in list(model.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = model.get_submodule(node.target)
+        if isinstance(module, FakeQuantizeBase):
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+        elif hasattr(module, "weight_fake_quant") and callable(getattr(module, "to_float", None)):
+            model.set_submodule(node.target, module.to_float().eval())
+    model.delete_all_unused_submodules()
+    model.recompile()
+    return model.eval()
 
 
 def _is_int8(model: nn.Module) -> bool:
@@ -72,7 +110,8 @@ class Export(L.Callback):
         include_float: export the trained float network as variant ``"fp32"`` (skipped
             automatically while it carries fake-quant modules).
         int8_pte: for ``pte``, also make ``ptq_int8_xnnpack`` by pt2e PTQ of the float model when
-            no pt2e-quantized variant is offered.
+            no pt2e-quantized variant is offered, or ``qat_weights_ptq_int8_xnnpack`` from the
+            weights of an FX QAT-trained network (see the module docstring).
         calibration_batches: batches for that PTQ.
         output_dir: where to write; default ``<trainer.default_root_dir>/artifacts``.
         verify: load back and compare on new inputs.
@@ -133,7 +172,9 @@ class Export(L.Callback):
             models["fp32"] = cpu_copy(net)
         for cb in trainer.callbacks:
             fn = getattr(cb, "deployable_models", None)
-            if cb is not self and callable(fn):
+            # exportable=False: the callback's own files are the artifact (weight-only packed codes);
+            # a TorchScript/.pte of its dequantized float model would only be fp32 bytes again.
+            if cb is not self and callable(fn) and getattr(cb, "exportable", True):
                 models.update(fn())
         if self.variants is not None:
             unknown = sorted(set(self.variants) - set(models))
@@ -179,11 +220,14 @@ class Export(L.Callback):
                 if fmt == "onnx" and int8:
                     continue
                 self._export_one(variant, model, fmt, out_dir, example, verify_batch if fmt in ("pt", "ptl") else verify_single)
-        if "pte" in self.formats and self.int8_pte and "fp32" in models and not any(
-            _is_pt2e_int8(m) for m in models.values()
-        ):
-            self._export_one("ptq_int8_xnnpack", models["fp32"], "pte", out_dir, example, verify_single,
-                             int8=True, calibration=self._calibration(trainer))
+        if "pte" in self.formats and self.int8_pte and not any(_is_pt2e_int8(m) for m in models.values()):
+            net = target_module(pl_module, self.module_attr)
+            if "fp32" in models:
+                self._export_one("ptq_int8_xnnpack", models["fp32"], "pte", out_dir, example, verify_single,
+                                 int8=True, calibration=self._calibration(trainer))
+            elif _is_fx_qat(net) and (self.variants is None or _QAT_PTE in self.variants):
+                self._export_one(_QAT_PTE, float_from_fx_qat(net), "pte", out_dir, example, verify_single,
+                                 int8=True, calibration=self._calibration(trainer))
         rank_zero_info(f"Export: wrote {sum('path' in a for a in self._artifacts)} artifacts to {out_dir}")
         return self.artifacts()
 

@@ -134,6 +134,7 @@ class QuantizationAwareTraining(L.Callback):
         self.example_input_shape = example_input_shape
         self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
         self._prepared: nn.Module | None = None
+        self._pt2e_training = False
         self._applied: tuple | None = None
         self._converted: dict[str, nn.Module] = {}
         self._converted_at: int | None = None
@@ -164,6 +165,7 @@ class QuantizationAwareTraining(L.Callback):
         prepared.to(pl_module.device)
         set_target_module(pl_module, self.module_attr, prepared)
         self._prepared = prepared
+        self._pt2e_training = self.flow == "pt2e"  # prepare_pt2e_model(qat=True) returns train-mode ops
         self._applied = None
         rank_zero_info(f"QuantizationAwareTraining: prepared {type(current).__name__} for {self.flow}/{self.engines[0]}")
 
@@ -207,25 +209,25 @@ class QuantizationAwareTraining(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._apply(trainer)
-        if self.flow == "pt2e" and not self._prepared.training:
+        if self.flow == "pt2e" and not self._pt2e_training:
             self._set_pt2e_mode(True)
 
-    # pt2e graphs ignore nn.Module.train()/eval(): switch their ops explicitly around evaluation.
+    # pt2e graphs bake train/eval behaviour into their ops (batch norm, dropout); torchao rewrites the
+    # ops to switch. After validation Lightning restores modes by assigning ``.training`` (it does not
+    # call ``.train()``), which would leave eval-mode batch norm training silently (running statistics
+    # frozen, and a resumed run diverging from an uninterrupted one). So the ops' mode is tracked here.
     def _set_pt2e_mode(self, training: bool) -> None:
         if self.flow == "pt2e" and self._prepared is not None:
             from lightning_eff.compression.quantization.pt2e import set_pt2e_training
 
             set_pt2e_training(self._prepared, training)
+            self._pt2e_training = training
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._set_pt2e_mode(False)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._set_pt2e_mode(False)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        if trainer.training:
-            self._set_pt2e_mode(True)
 
     # ---------------------------------------------------------------- conversion
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

@@ -118,3 +118,38 @@ def test_mobilenet_kd_recipe_and_bad_teacher_config(tmp_path):
         run(compose("mobilenet_kd", [*overrides, "++teacher.epochs=3"]))
     with pytest.raises(ConfigError, match="teacher.model.name='mobilnetv2'.*Did you mean 'mobilenetv2'"):
         run(compose("mobilenet_kd", [*overrides, "teacher.model.name=mobilnetv2"]))
+
+
+def test_hugging_face_folder_as_teacher_pretrained_start_and_student_init(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lightning_eff.learning.distillation import load_teacher
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=16, num_labels=5)
+    hf = BertForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ids, mask = torch.randint(0, 60, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        reference = hf(input_ids=ids, attention_mask=mask).logits
+        loaded = load_teacher(str(tmp_path / "hf")).eval()
+        assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, reference, atol=1e-6)
+    tuned = create_model("bert_teacher", num_classes=3, vocab_size=60, pretrained=str(tmp_path / "hf"))
+    assert torch.equal(tuned.bert.bert.encoder.layer[2].output.dense.weight, hf.bert.encoder.layer[2].output.dense.weight)
+    assert tuned.bert.classifier.out_features == 3  # a fresh head for this task
+    with pytest.raises(ConfigError, match="vocabulary of 60 .* tokenizer has 61"):
+        create_model("bert_teacher", num_classes=3, vocab_size=61, pretrained=str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="no config.json"):
+        create_model("bert_teacher", num_classes=3, vocab_size=60, pretrained=str(tmp_path))
+    student = create_model("bert_student", num_classes=5, vocab_size=60, num_layers=2, init_from=str(tmp_path / "hf"))
+    assert torch.equal(student.bert.bert.encoder.layer[1].output.dense.weight, hf.bert.encoder.layer[3].output.dense.weight)
+
+
+def test_temperature_schedule_followed_through_the_callback(tmp_path):
+    from test_distillation_callback import Data, UserModule, _teacher, _trainer
+
+    cb = Distillation(teacher=_teacher(), module_attr="net", temperature={"start": 4.0, "end": 1.0, "end_fraction": 1.0})
+    trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3)
+    trainer.fit(UserModule(), datamodule=Data())
+    assert float(trainer.callback_metrics["distill/temperature_step"]) == pytest.approx(2.0)  # step 2 of 3

@@ -172,14 +172,18 @@ class BertClassifier(nn.Module):
         dropout: hidden and attention dropout.
         num_layers, hidden, heads: override the size's depth, width and heads (intermediate = 4 * hidden).
         attn_implementation: ``"sdpa"`` (fast) or ``"eager"`` (also returns attention probabilities).
+        pretrained: a local Hugging Face BERT folder (``config.json`` + weights) to start from instead of
+            random weights; the size options are then the folder's, a new classifier head gets ``num_classes``
+            outputs, and the data must use the folder's tokenizer (``data.tokenizer=<same folder>``).
 
     Raises:
-        ConfigError: an unknown size or an option out of range.
+        ConfigError: an unknown size or an option out of range; a ``pretrained`` folder that is missing or
+            whose vocabulary differs from ``vocab_size``.
     """
 
     def __init__(self, num_classes: int = 26, vocab_size: int = 8000, size: str = "base", max_length: int = 128,
                  dropout: float = 0.1, num_layers: int | None = None, hidden: int | None = None,
-                 heads: int | None = None, attn_implementation: str = "sdpa") -> None:
+                 heads: int | None = None, attn_implementation: str = "sdpa", pretrained: str | None = None) -> None:
         super().__init__()
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -189,6 +193,10 @@ class BertClassifier(nn.Module):
         check_int("model.max_length", max_length, low=2)
         check_number("model.dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
         check_choice("model.attn_implementation", attn_implementation, ["sdpa", "eager"])
+        if pretrained is not None:
+            self.bert = _from_pretrained(pretrained, num_classes, vocab_size, attn_implementation)
+            self.config = self.bert.config
+            return
         layers, width, n_heads = BERT_SIZES[size]
         layers = check_int("model.num_layers", num_layers, low=1, high=48, allow_none=True) or layers
         width = check_int("model.hidden", hidden, low=8, allow_none=True) or width
@@ -207,13 +215,35 @@ class BertClassifier(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def _from_pretrained(path: str, num_classes: int, vocab_size: int, attn_implementation: str) -> nn.Module:
+    """A local Hugging Face BERT checkpoint with a ``num_classes`` head (offline: nothing is downloaded)."""
+    import os
+
+    from transformers import BertForSequenceClassification
+
+    folder = os.path.expanduser(str(path))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConfigError(f"model.pretrained={path!r} is not a Hugging Face model folder (no config.json).")
+    model = BertForSequenceClassification.from_pretrained(
+        folder, num_labels=num_classes, local_files_only=True, attn_implementation=attn_implementation,
+        ignore_mismatched_sizes=True,  # a pretraining or other-task head is replaced by a fresh classifier
+    )
+    if model.config.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model.pretrained={path!r} has a vocabulary of {model.config.vocab_size} but the data's tokenizer has "
+            f"{vocab_size}; use the checkpoint's tokenizer: data.tokenizer={path}."
+        )
+    return model
+
+
 @register_model("bert_teacher")
 def bert_teacher(num_classes: int = 26, vocab_size: int = 8000, size: str = "base", max_length: int = 128,
                  dropout: float = 0.1, num_layers: int | None = None, hidden: int | None = None,
-                 heads: int | None = None, attn_implementation: str = "sdpa") -> BertClassifier:
-    """BERT teacher (default BERT-base shape, 12x768) from a ``BertConfig``, random init."""
+                 heads: int | None = None, attn_implementation: str = "sdpa", pretrained: str | None = None) -> BertClassifier:
+    """BERT teacher (default BERT-base shape, 12x768) from a ``BertConfig``, random init, or from a local
+    pretrained Hugging Face folder (``pretrained=``)."""
     return BertClassifier(num_classes, vocab_size, size, max_length, dropout, num_layers, hidden, heads,
-                          attn_implementation)
+                          attn_implementation, pretrained)
 
 
 @register_model("bert_tiny")

@@ -43,8 +43,8 @@ def student_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
 
 def _bert_of(model: nn.Module):
     """The ``BertForSequenceClassification`` inside a :class:`BertClassifier` (or the model itself)."""
-    inner = getattr(model, "bert", model)
-    if not hasattr(inner, "bert") or not hasattr(inner, "config"):
+    inner = model.bert if isinstance(model, BertClassifier) else model
+    if not hasattr(inner, "bert") or not hasattr(inner, "classifier") or not hasattr(inner, "config"):
         raise ConfigError(f"teacher {type(model).__name__} is not a BERT sequence classifier; a BERT student needs one.")
     return inner
 

@@ -321,3 +321,15 @@ def test_stale_cache_is_rebuilt_with_a_teacher_and_refused_without(tmp_path):
     with pytest.raises(ConfigError, match="needs batches with example indices"):
         _trainer(tmp_path, [Distillation(teacher=first, cache=str(tmp_path / "x.pt"), module_attr="net")],
                  max_steps=1).fit(UserModule(), datamodule=Data(indexed=False))
+
+
+@needs_wordnet
+def test_a_slice_tokenizes_like_the_full_training_split():
+    """A teacher trained on all the data and a student on a slice must share one WordPiece vocabulary."""
+    from lightning_eff.data import WordNetSupersenseDataModule
+
+    full = WordNetSupersenseDataModule(tokenizer="wordpiece", vocab_size=4000, limit_val=8, limit_test=8)
+    part = WordNetSupersenseDataModule(tokenizer="wordpiece", vocab_size=4000, limit_train=300, limit_val=8, limit_test=8)
+    full.setup()
+    part.setup()
+    assert full.tokenizer.get_vocab() == part.tokenizer.get_vocab()

@@ -390,8 +390,11 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
                 self._pool_texts = [texts[i] for i in np.setdiff1d(np.arange(len(texts)), keep)]
             if name in self.split_indices:  # map back to the source rows for inspection/tests
                 self.split_indices[name] = self.split_indices[name][keep]
+        # The vocabulary is fitted on the whole training split, *before* limit_train: a run on a slice then
+        # tokenizes exactly like the full run, so a teacher trained on all the data and a student trained on
+        # a slice (or the pseudo-label pool) share one vocabulary. Texts only: no labels, no val/test.
         self.tokenizer = load_tokenizer(
-            self.tokenizer_spec, train_texts=self._data["train"][0], vocab_size=self.tokenizer_vocab_size,
+            self.tokenizer_spec, train_texts=splits["train"][0], vocab_size=self.tokenizer_vocab_size,
             max_length=self.max_length, cache_dir=self.cache_dir,
         )
         self.datasets = {k: TextDataset(t, y, self.tokenizer, self.max_length) for k, (t, y) in self._data.items()}

@@ -35,7 +35,7 @@ from lightning_eff.infra.footprint import format_table, write_results
 from lightning_eff.infra.report import build_report, evaluate_accuracy
 from lightning_eff.models import list_models, model_signature
 
-__all__ = ["compose", "run", "validate_config", "build", "list_recipes", "REPO_ROOT"]
+__all__ = ["compose", "run", "validate_config", "build", "list_recipes", "data_shaped", "REPO_ROOT"]
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _callbacks(nodes: Mapping | None, key: str, teacher: Any = None) -> list[L.C
     return out
 
 
-def _data_shaped(model_spec: dict, datamodule: Any) -> dict:
+def data_shaped(model_spec: dict, datamodule: Any) -> dict:
     """Fill in what the data decides: classes always, input channels for image models, the vocabulary size."""
     accepted = model_signature(model_spec["name"]).parameters
     if model_spec.get("num_classes") is None and "num_classes" in accepted:
@@ -230,14 +230,14 @@ def _teacher_stage(c: dict, datamodule: Any, run_dir: Path, multirun: bool) -> t
         if not (path.endswith(".ckpt") or Path(path).expanduser().is_dir()):  # a plain state-dict file
             if t.get("model") is None:
                 raise ConfigError(f"teacher.checkpoint={path!r} is a state-dict file; give teacher.model to build it.")
-            spec = _data_shaped(dict(t["model"], checkpoint=path), datamodule)
+            spec = data_shaped(dict(t["model"], checkpoint=path), datamodule)
         teacher = load_teacher(spec)
     else:
         task_node = dict(c["task"])
         for key in ("lr", "optimizer", "scheduler", "warmup_fraction", "weight_decay"):
             if t.get(key) is not None:
                 task_node[key] = t[key]
-        teacher_task = build(task_node, "task", model=_data_shaped(dict(t["model"]), datamodule))
+        teacher_task = build(task_node, "task", model=data_shaped(dict(t["model"]), datamodule))
         trainer_cfg = dict(c.get("trainer") or {})
         trainer_cfg.update({k: t[k] for k in ("max_epochs", "limit_train_batches") if t.get(k) is not None})
         trainer_cfg["enable_checkpointing"] = False
@@ -294,7 +294,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
     teacher, teacher_path, teacher_metrics = None, None, {}
     if c.get("teacher"):
         teacher, teacher_path, teacher_metrics = _teacher_stage(c, datamodule, run_dir, multirun)
-    model_spec = _data_shaped(dict(c["model"]), datamodule)
+    model_spec = data_shaped(dict(c["model"]), datamodule)
     if model_spec.get("init_from") == "teacher":  # a student initialised from this run's teacher
         model_spec["init_from"] = teacher_path
     task = build(c["task"], "task", model=model_spec)

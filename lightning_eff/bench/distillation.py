@@ -75,12 +75,9 @@ def _datamodule(task: str, limit_train: int | None, limit_test: int | None, buck
 
 
 def _shaped(spec: dict, dm) -> dict:
-    spec = dict(spec, num_classes=dm.num_classes)
-    if "vocab_size" not in spec and getattr(dm, "vocab_size", None) and spec["name"].startswith("bert"):
-        spec["vocab_size"] = dm.vocab_size
-    if hasattr(dm, "input_shape"):
-        spec["in_chans"] = dm.input_shape[0]
-    return spec
+    from lightning_eff.cli import data_shaped
+
+    return data_shaped(dict(spec), dm)
 
 
 def _fit(model: torch.nn.Module, dm, epochs: int, task_opts: dict, callbacks: list, root: Path,

@@ -49,8 +49,9 @@ from lightning_eff.learning.distillation.losses import (
     FEATURE_LOSSES, check_logit_shapes, check_temperature, check_weight, kd_loss, make_projection,
 )
 from lightning_eff.learning.distillation.offline import (
-    TeacherLogitCache, call_with_inputs, compute_teacher_logits, default_output_fn, model_fingerprint, pseudo_label,
+    TeacherLogitCache, compute_teacher_logits, default_output_fn, model_fingerprint, pseudo_label,
 )
+from lightning_eff.infra.footprint import call_with_inputs
 from lightning_eff.schedules import ScheduledValue
 from lightning_eff.learning.distillation.teacher import check_not_student, freeze_teacher, load_teacher
 from lightning_eff.validation import check_bool, check_choice, check_number

@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from lightning_eff.data.indexed import IndexedBatch
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.checkpoint_io import atomic_torch_save
+from lightning_eff.infra.footprint import call_with_inputs
 from lightning_eff.validation import check_number
 
-__all__ = ["model_fingerprint", "compute_teacher_logits", "TeacherLogitCache", "pseudo_label", "default_output_fn",
-           "call_with_inputs"]
+__all__ = ["model_fingerprint", "compute_teacher_logits", "TeacherLogitCache", "pseudo_label", "default_output_fn"]
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,6 @@ def default_output_fn(output: Any) -> Tensor:
     if isinstance(output, (tuple, list)):
         return output[0]
     return output
-
-
-def call_with_inputs(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` with a tensor, a dict of keyword inputs, or a tuple of positional inputs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _batch_inputs(batch: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from torch import Tensor, nn
 
-from lightning_eff.data.indexed import IndexCollate
+from lightning_eff.data.indexed import IndexCollate, IndexedCollate
 from lightning_eff.errors import ConfigError
 
 __all__ = ["module_feature", "sequential_indexed_loader", "dataset_labels", "ensure_in_optimizer"]
@@ -42,7 +42,7 @@ def sequential_indexed_loader(trainer: L.Trainer):
     loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
     collate = loader.collate_fn
     dataset = loader.dataset
-    if not isinstance(collate, IndexCollate) and not _yields_index(collate):
+    if not isinstance(collate, (IndexCollate, IndexedCollate)):
         raise ConfigError("Distillation(cache=...) needs batches with example indices: use one of our datamodules or "
                           "wrap your dataset in lightning_eff.data.indexed.IndexedDataset with IndexedCollate.")
     return DataLoader(dataset, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=collate)
@@ -59,12 +59,6 @@ def dataset_labels(dataset: Any) -> Tensor | None:
     if isinstance(tensors, tuple) and len(tensors) > 1 and isinstance(tensors[1], Tensor):
         return tensors[1]
     return None
-
-
-def _yields_index(collate: Any) -> bool:
-    from lightning_eff.data.indexed import IndexedCollate
-
-    return isinstance(collate, IndexedCollate)
 
 
 def ensure_in_optimizer(trainer: L.Trainer, params: list[nn.Parameter]) -> None:

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import resize_batch
+from lightning_eff.infra.footprint import call_with_inputs, resize_batch
 
-__all__ = ["target_module", "set_target_module", "example_inputs", "model_inputs", "to_cpu", "cpu_copy"]
+__all__ = ["target_module", "set_target_module", "get_submodule", "set_submodule", "submodule_inputs", "example_inputs",
+           "model_inputs", "to_cpu", "cpu_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,64 @@ def set_target_module(pl_module: nn.Module, attr: str | None, model: nn.Module, 
             f"its children are {names}. Wrap the network as an attribute (e.g. self.model) and name it here."
         )
     setattr(pl_module, attr, model)
+
+
+def get_submodule(net: nn.Module, path: str, option: str = "submodule") -> nn.Module:
+    """``net.<path>`` (dotted), or a ConfigError naming the option and the submodules that exist."""
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in net.named_modules() if n and n.count(".") < 2][:20]
+        raise ConfigError(f"{option}={path!r}: {type(net).__name__} has no submodule of that name; it has {names}.") from None
+
+
+def set_submodule(net: nn.Module, path: str, module: nn.Module, option: str = "submodule") -> None:
+    """Replace ``net.<path>`` (dotted) by ``module``."""
+    get_submodule(net, path, option)
+    parent, _, name = path.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, name, module)
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def submodule_inputs(net: nn.Module, path: str, inputs: Any, option: str = "submodule") -> tuple:
+    """The positional arguments ``net.<path>`` receives when ``net`` runs on ``inputs``.
+
+    How a submodule is traced for quantization when the whole network cannot be (the projection
+    models hash raw strings in Python before their tensor-only ``encoder``). ``net`` runs in eval
+    mode up to the submodule's call only (a forward pre-hook records the arguments and stops it),
+    and every module's train/eval mode is restored afterwards.
+
+    Raises:
+        ConfigError: the submodule does not exist, is never called, or is called with keyword arguments.
+    """
+    inner = get_submodule(net, path, option)
+    captured: list[tuple] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs:
+            raise ConfigError(f"{option}={path!r} is called with keyword arguments {sorted(kwargs)}; "
+                              "graph-mode quantization traces positional tensor inputs only.")
+        captured.append(tuple(a.detach().cpu() if isinstance(a, Tensor) else a for a in args))
+        raise _Captured
+
+    modes = {m: m.training for m in net.modules()}
+    handle = inner.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        net.eval()
+        call_with_inputs(net, inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if not captured:
+        raise ConfigError(f"{option}={path!r}: {type(net).__name__}.forward never called that submodule on the example inputs.")
+    return captured[0]
 
 
 def model_inputs(batch: Any) -> Any:

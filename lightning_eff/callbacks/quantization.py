@@ -27,7 +27,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_eff.callbacks.common import cpu_copy, example_inputs, model_inputs, set_target_module, target_module
+from lightning_eff.callbacks.common import (
+    cpu_copy,
+    example_inputs,
+    get_submodule,
+    model_inputs,
+    set_submodule,
+    set_target_module,
+    submodule_inputs,
+    target_module,
+)
 from lightning_eff.compression.quantization.fx import (
     OBSERVERS,
     calibrate,
@@ -39,7 +48,7 @@ from lightning_eff.compression.quantization.fx import (
     set_fake_quant,
     set_observers,
 )
-from lightning_eff.compression.quantization.preflight import check_engine
+from lightning_eff.compression.quantization.preflight import check_engine, quantized_engine
 from lightning_eff.errors import ConfigError
 from lightning_eff.schedules import check_step_or_fraction, resolve_step
 from lightning_eff.validation import check_bool, check_choice, check_int
@@ -72,6 +81,38 @@ def _engines(option: str, engines: list[str] | str | None, flow: str) -> list[st
     return [check_engine(e, option) for e in engines]
 
 
+def _check_submodule(submodule: str | None, flow: str) -> str | None:
+    if submodule is None:
+        return None
+    if not isinstance(submodule, str) or not submodule:
+        raise ConfigError(f"submodule={submodule!r} must be a dotted submodule name (e.g. 'encoder') or null.")
+    if flow != "fx":
+        raise ConfigError(f"submodule={submodule!r} needs flow='fx': a pt2e graph is exported with static non-batch "
+                          "shapes, which the variable-length inputs of text encoders do not have.")
+    return submodule
+
+
+def _hosted(net: nn.Module, submodule: str | None, quantized: nn.Module) -> nn.Module:
+    """The deployable model: ``quantized`` itself, or a CPU copy of ``net`` with ``quantized`` at ``submodule``."""
+    if not submodule:
+        return quantized
+    inner = net.get_submodule(submodule)
+    # Deep-copy the host without the (possibly fake-quant, possibly on GPU) submodule, then plug in.
+    parent, _, name = submodule.rpartition(".")
+    owner = net.get_submodule(parent) if parent else net
+    setattr(owner, name, nn.Identity())
+    try:
+        host = cpu_copy(net)
+    finally:
+        setattr(owner, name, inner)
+    set_submodule(host, submodule, quantized)
+    return host
+
+
+def _as_args(inputs: Any) -> tuple:
+    return (inputs,)  # the network takes a batch's inputs as one argument (a tensor, or the batch's strings)
+
+
 class QuantizationAwareTraining(L.Callback):
     """Quantization-aware training (survey §3.1.2, Jacob et al. 2018) for any LightningModule.
 
@@ -88,6 +129,10 @@ class QuantizationAwareTraining(L.Callback):
         freeze_observer_step / freeze_observer_fraction: when scale/zero-point stop updating.
         freeze_bn_step / freeze_bn_fraction: when BatchNorm statistics freeze (FX flow).
         module_attr: attribute of the LightningModule holding the network to quantize.
+        submodule: quantize only this (dotted) submodule of the network, e.g. ``"encoder"`` of the
+            projection models, whose string hashing runs in Python and cannot be traced. Its inputs
+            are captured by running the network on real examples; the deployable int8 model is the
+            whole network with the converted submodule in place (FX flow only).
         example_input_shape: input shape without batch (e.g. ``[1, 32, 32]``) when the datamodule has
             no ``sample_inputs``.
         convert_on_fit_end: convert a copy to int8 at the end of fit (else on first request).
@@ -111,6 +156,7 @@ class QuantizationAwareTraining(L.Callback):
         freeze_bn_step: int | None = None,
         freeze_bn_fraction: float | None = None,
         module_attr: str = "model",
+        submodule: str | None = None,
         example_input_shape: list[int] | None = None,
         convert_on_fit_end: bool = True,
     ) -> None:
@@ -129,11 +175,13 @@ class QuantizationAwareTraining(L.Callback):
         self.freeze_observer = (freeze_observer_step, freeze_observer_fraction)
         self.freeze_bn = (freeze_bn_step, freeze_bn_fraction)
         self.module_attr = module_attr
+        self.submodule = _check_submodule(submodule, flow)
         if example_input_shape is not None:
             example_input_shape = [check_int("example_input_shape[]", d, low=1) for d in example_input_shape]
         self.example_input_shape = example_input_shape
         self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
         self._prepared: nn.Module | None = None
+        self._net: nn.Module | None = None
         self._pt2e_training = False
         self._applied: tuple | None = None
         self._converted: dict[str, nn.Module] = {}
@@ -142,16 +190,20 @@ class QuantizationAwareTraining(L.Callback):
 
     @property
     def state_key(self) -> str:  # noqa: D102
-        return self._generate_state_key(flow=self.flow, engines=tuple(self.engines), module_attr=self.module_attr)
+        extra = {"submodule": self.submodule} if self.submodule else {}
+        return self._generate_state_key(flow=self.flow, engines=tuple(self.engines), module_attr=self.module_attr, **extra)
 
     # ---------------------------------------------------------------- surgery
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         _check_precision(trainer, "QuantizationAwareTraining")
         self._trainer = trainer
-        current = target_module(pl_module, self.module_attr)
+        net = target_module(pl_module, self.module_attr)
+        current = get_submodule(net, self.submodule) if self.submodule else net
         if self._prepared is not None and current is self._prepared:
             return  # setup runs again for validate/test: keep the prepared model
         inputs = self._example(trainer, 2 if self.flow == "pt2e" else 1)
+        if self.submodule:
+            inputs = submodule_inputs(net, self.submodule, inputs)
         if self.flow == "fx":
             prepared = prepare_qat_fx_model(
                 current, inputs, engine=self.engines[0], per_channel=self.per_channel, observer=self.observer, relu6=self.relu6
@@ -163,7 +215,11 @@ class QuantizationAwareTraining(L.Callback):
             prepared = prepare_pt2e_model(current.cpu(), inputs, qat=True, per_channel=self.per_channel,
                                           dynamic_shapes=({0: batch},))
         prepared.to(pl_module.device)
-        set_target_module(pl_module, self.module_attr, prepared)
+        if self.submodule:
+            set_submodule(net, self.submodule, prepared)
+        else:
+            set_target_module(pl_module, self.module_attr, prepared)
+        self._net = net
         self._prepared = prepared
         self._pt2e_training = self.flow == "pt2e"  # prepare_pt2e_model(qat=True) returns train-mode ops
         self._applied = None
@@ -242,7 +298,8 @@ class QuantizationAwareTraining(L.Callback):
         self._converted = {}
         if self.flow == "fx":
             for engine in self.engines:
-                self._converted[f"qat_int8_{engine}"] = convert_fx_model(cpu_copy(self._prepared), engine=engine, inplace=True)
+                int8 = convert_fx_model(cpu_copy(self._prepared), engine=engine, inplace=True)
+                self._converted[f"qat_int8_{engine}"] = _hosted(self._net, self.submodule, int8)
         else:
             from lightning_eff.compression.quantization.pt2e import convert_pt2e_model
 
@@ -286,6 +343,8 @@ class PostTrainingQuantization(L.Callback):
         relu6: ``"keep"`` (float-trained clips stay: no re-training follows) or ``"relu"``.
         calibration_batches: how many batches the observers see.
         module_attr: attribute of the LightningModule holding the network.
+        submodule: quantize only this (dotted) submodule (see :class:`QuantizationAwareTraining`);
+            the deployable model is the whole network with the int8 submodule in place.
 
     Raises:
         ConfigError: bad option; dynamic mode with the pt2e flow.
@@ -301,6 +360,7 @@ class PostTrainingQuantization(L.Callback):
         relu6: str = "keep",
         calibration_batches: int = 32,
         module_attr: str = "model",
+        submodule: str | None = None,
     ) -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, ["static", "dynamic"])
@@ -313,6 +373,7 @@ class PostTrainingQuantization(L.Callback):
         self.relu6 = check_choice("relu6", relu6, ["relu", "keep"])
         self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
         self.module_attr = module_attr
+        self.submodule = _check_submodule(submodule, flow)
         self._models: dict[str, nn.Module] = {}
         self._trainer: L.Trainer | None = None
         self._pl_module: L.LightningModule | None = None
@@ -333,19 +394,29 @@ class PostTrainingQuantization(L.Callback):
 
     def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
         """Quantize a CPU copy of the trained network; returns ``{"ptq_int8_<engine>": model}``."""
-        float_model = cpu_copy(target_module(pl_module, self.module_attr))
+        net = cpu_copy(target_module(pl_module, self.module_attr))
+        float_model = get_submodule(net, self.submodule) if self.submodule else net
         self._models = {}
         if self.mode == "dynamic":
             for engine in self.engines:
-                self._models[f"ptq_dynamic_int8_{engine}"] = dynamic_quantize(float_model, engine=engine)
+                int8 = dynamic_quantize(float_model, engine=engine)
+                self._models[f"ptq_dynamic_int8_{engine}"] = _hosted(net, self.submodule, int8)
             return self._models
         example = example_inputs(trainer, 2 if self.flow == "pt2e" else 1)
+        if self.submodule:
+            example = submodule_inputs(net, self.submodule, example)
         if self.flow == "fx":
             for engine in self.engines:
                 prepared = prepare_ptq_fx_model(float_model, example, engine=engine, per_channel=self.per_channel,
                                                 observer=self.observer, relu6=self.relu6)
-                calibrate(prepared, self._batches(trainer))
-                self._models[f"ptq_int8_{engine}"] = convert_fx_model(prepared, engine=engine, inplace=True)
+                if self.submodule:  # calibrate through the whole network: the submodule sees its real inputs
+                    host = _hosted(net, self.submodule, prepared)
+                    with quantized_engine(engine):
+                        calibrate(host, self._batches(trainer), input_fn=_as_args)
+                else:
+                    calibrate(prepared, self._batches(trainer))
+                int8 = convert_fx_model(prepared, engine=engine, inplace=True)
+                self._models[f"ptq_int8_{engine}"] = _hosted(net, self.submodule, int8)
         else:
             from lightning_eff.compression.quantization.pt2e import convert_pt2e_model, prepare_pt2e_model
 

@@ -328,11 +328,22 @@ def _set_engine(model: nn.Module, engine: str) -> None:
         model.meta[ENGINE_ATTR] = engine
 
 
-def model_engine(model: nn.Module, default: str | None = None) -> str | None:
-    """The engine a model was prepared / converted for (``None`` for float models)."""
+def _own_engine(model: nn.Module) -> str | None:
     engine = getattr(model, ENGINE_ATTR, None)
     if engine is None and isinstance(getattr(model, "meta", None), dict):
         engine = model.meta.get(ENGINE_ATTR)
+    return engine
+
+
+def model_engine(model: nn.Module, default: str | None = None) -> str | None:
+    """The engine a model was prepared / converted for (``None`` for float models).
+
+    A float network hosting a quantized submodule (e.g. a projection model whose ``encoder`` was
+    quantized, see the callbacks' ``submodule`` option) reports its first quantized submodule's engine.
+    """
+    engine = _own_engine(model)
+    if engine is None:
+        engine = next((e for m in model.modules() if (e := _own_engine(m)) is not None), None)
     return engine if engine is not None else default
 
 

@@ -318,7 +318,12 @@ def test_pqrnn_recipe_runs(tmp_path):
     result = run(compose("pqrnn", [f"run_dir={tmp_path}", "model=pqrnn", "++model.hidden=16", "++model.bottleneck=16",
                                    *TINY_OVERRIDES]))
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
-    assert result["report"]["fp32"]["params"] > 0
+    rows = result["report"]
+    assert rows["fp32"]["params"] > 0
+    # int8 encoders (static PTQ through the whole network, and dynamic): measured like the float row, smaller
+    for variant in ("ptq_int8_x86", "ptq_dynamic_int8_x86"):
+        assert 0.0 <= rows[variant]["test_acc"] <= 1.0, variant
+        assert rows[variant]["fp32_bytes"] < rows["fp32"]["fp32_bytes"], variant  # serialized state dict
 
 
 @needs_wordnet

@@ -129,6 +129,8 @@ def test_qat_refuses_non_fp32_precision(tmp_path):
         ({"start_step": 3, "start_fraction": 0.5}, r"either start_step"),
         ({"observer": "minmaxx"}, r"Did you mean 'minmax'"),
         ({"flow": "pt2e", "freeze_bn_step": 3}, r"flow='fx' only"),
+        ({"per_channel": "dw"}, r"per_channel='dw' is not valid; choose one of \[True, False, 'depthwise'\]"),
+        ({"flow": "pt2e", "per_channel": "depthwise"}, r"per_channel='depthwise' needs flow='fx'"),
     ],
 )
 def test_qat_bad_inputs(kwargs, match):

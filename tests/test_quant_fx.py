@@ -272,3 +272,41 @@ def test_calibrate_without_batches_refused():
     prepared = prepare_ptq_fx_model(model, torch.randn(2, 3, 16, 16), observer="minmax")
     with pytest.raises(ConfigError, match="no batches"):
         calibrate(prepared, [])
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_per_channel_depthwise_only(tiny_timm, engine, tmp_path):
+    """per_channel='depthwise': per-channel scales on the depthwise convs, per-tensor on the rest;
+    the TorchScript artifact shrinks by ~16 bytes per non-depthwise output channel, SQNR holds."""
+    from lightning_eff.compression.quantization.fx import depthwise_conv_names
+    from lightning_eff.infra.export import export_torchscript
+
+    dw = set(depthwise_conv_names(tiny_timm))
+    assert dw and all(tiny_timm.get_submodule(n).groups > 1 for n in dw)
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 1, 32, 32, generator=gen) * 2 + 0.5 for _ in range(4)]
+    x = torch.randn(8, 1, 32, 32, generator=gen) * 2 + 0.5
+    sizes, schemes, quality = {}, {}, {}
+    for per_channel in (True, "depthwise"):
+        prepared = prepare_ptq_fx_model(tiny_timm, data[0], engine=engine, per_channel=per_channel, observer="minmax")
+        calibrate(prepared, data)
+        int8 = convert_fx_model(prepared)
+        weights = {n: m.weight() for n, m in int8.named_modules() if hasattr(m, "weight") and callable(m.weight)}
+        schemes[per_channel] = {n: w.qscheme() for n, w in weights.items()}
+        with quantized_engine(engine), torch.no_grad():
+            quality[per_channel] = sqnr_db(tiny_timm(x), int8(x))
+        path = tmp_path / f"{per_channel}.pt"
+        export_torchscript(int8, (x,), path, method="script")
+        sizes[per_channel] = path.stat().st_size
+    mixed = schemes["depthwise"]
+    assert {n for n, q in mixed.items() if q == torch.per_channel_affine} == dw  # FX keeps the conv's path
+    assert all(q == torch.per_tensor_affine for n, q in mixed.items() if n not in dw) and len(mixed) > len(dw)
+    assert all(q == torch.per_channel_affine for q in schemes[True].values())
+    other_channels = sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for n, m in tiny_timm.named_modules()
+                         if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in dw)
+    assert sizes[True] - sizes["depthwise"] >= 12 * other_channels, (sizes, other_channels)
+    # a random deep net's int8 error is dominated by activations (~12-19 dB either way); the weight
+    # granularity of the non-depthwise layers must not add much to it
+    assert quality["depthwise"] > quality[True] - 3.0, quality
+    with pytest.raises(ConfigError, match=r"per_channel='layer' is not valid; choose one of \[True, False, 'depthwise'\]"):
+        prepare_qat_fx_model(tiny_timm, data[0], per_channel="layer")

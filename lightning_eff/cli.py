@@ -132,6 +132,11 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     Raises:
         ConfigError: the first problem found, e.g. ``unknown key trainer.max_epoch; ... Did you mean 'max_epochs'?``
     """
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"required value(s) not set: {missing} (marked ??? by the recipe); give them on the "
+                              f"command line, e.g. {missing[0]}=...")
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     _check_node_keys("<root>", c, TOP_LEVEL_KEYS)
     _check_target_node("data", c.get("data"))

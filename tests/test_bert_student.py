@@ -153,3 +153,45 @@ def test_temperature_schedule_followed_through_the_callback(tmp_path):
     trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3)
     trainer.fit(UserModule(), datamodule=Data())
     assert float(trainer.callback_metrics["distill/temperature_step"]) == pytest.approx(2.0)  # step 2 of 3
+
+
+@needs_wordnet
+@pytest.mark.slow
+def test_pqrnn_kd_recipe_learns_from_a_wordpiece_teachers_cache(tmp_path):
+    """Cross-tokenization offline distillation: a BERT teacher reads WordPiece ids, pQRNN raw strings;
+    the cache written from the teacher's datamodule is consumed by the raw-text student by index."""
+    from lightning_eff.data import WordNetSupersenseDataModule
+    from lightning_eff.callbacks.common import model_inputs
+    from lightning_eff.infra.footprint import call_with_inputs
+    from lightning_eff.learning.distillation.offline import TeacherLogitCache, cache_teacher_logits, default_output_fn
+
+    limits = dict(limit_train=384, limit_val=128)
+    teacher_dm = WordNetSupersenseDataModule(tokenizer="wordpiece", vocab_size=500, max_length=32, batch_size=64, **limits)
+    teacher_dm.setup("fit")
+    torch.manual_seed(0)
+    teacher = create_model("bert_teacher", size="tiny", vocab_size=teacher_dm.vocab_size, num_classes=teacher_dm.num_classes,
+                           max_length=32).eval()
+    path = tmp_path / "teacher_logits.pt"
+    cache = cache_teacher_logits(teacher, teacher_dm, path)
+    assert cache.logits.shape == (384, teacher_dm.num_classes) and not teacher_dm.return_index
+    # the logits are the teacher's on its own inputs, stored by index
+    batch = teacher_dm.train_dataloader().collate_fn([5, 17])  # the dataset yields indices; collate tokenizes
+    with torch.no_grad():
+        ref = default_output_fn(call_with_inputs(teacher, model_inputs(batch)))
+    torch.testing.assert_close(cache.logits[[5, 17]], ref, atol=1e-4, rtol=1e-4)
+
+    result = run(compose("pqrnn_kd", [f"run_dir={tmp_path / 'run'}", f"callbacks.distill.cache={path}", "model=pqrnn",
+                                      "++model.hidden=16", "++model.bottleneck=16", "callbacks.ptq=null",
+                                      "callbacks.ptq_dynamic=null", *TINY_OVERRIDES]))
+    assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "distill/kd_loss_epoch" in header, header  # the KD term was computed from the cache
+    # a cache of another split is refused by count
+    other = WordNetSupersenseDataModule(tokenizer="wordpiece", vocab_size=500, max_length=32, limit_train=256, limit_val=128)
+    other.setup("fit")
+    cache_teacher_logits(teacher, other, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="holds 256 examples but the training set has 384"):
+        run(compose("pqrnn_kd", [f"run_dir={tmp_path / 'bad'}", f"callbacks.distill.cache={tmp_path / 'other.pt'}",
+                                 "model=pqrnn", "++model.hidden=16", "++model.bottleneck=16", "callbacks.ptq=null",
+                                 "callbacks.ptq_dynamic=null", *TINY_OVERRIDES]))
+    assert TeacherLogitCache(path).load(num_examples=384).shape[0] == 384

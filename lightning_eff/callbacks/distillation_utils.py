@@ -36,10 +36,14 @@ def module_feature(output: Any, attention: bool, name: str) -> Tensor:
 
 def sequential_indexed_loader(trainer: L.Trainer):
     """The training set in order, batches carrying indices, without consuming the global RNG."""
+    dm = trainer.datamodule
+    return in_order(dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader())
+
+
+def in_order(loader: Any):
+    """``loader``'s dataset and index-carrying collate, every example once, in order (no sampler, no drop_last)."""
     from torch.utils.data import DataLoader
 
-    dm = trainer.datamodule
-    loader = dm.train_dataloader() if dm is not None else trainer.fit_loop._data_source.dataloader()
     collate = loader.collate_fn
     dataset = loader.dataset
     if not isinstance(collate, (IndexCollate, IndexedCollate)):

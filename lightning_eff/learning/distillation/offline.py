@@ -36,7 +36,8 @@ from lightning_eff.infra.checkpoint_io import atomic_torch_save
 from lightning_eff.infra.footprint import call_with_inputs
 from lightning_eff.validation import check_number
 
-__all__ = ["model_fingerprint", "compute_teacher_logits", "TeacherLogitCache", "pseudo_label", "default_output_fn"]
+__all__ = ["model_fingerprint", "compute_teacher_logits", "cache_teacher_logits", "TeacherLogitCache", "pseudo_label",
+           "default_output_fn"]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,41 @@ class TeacherLogitCache:
         if self.logits.device != index.device:
             self.logits = self.logits.to(index.device)
         return self.logits[index]
+
+
+def cache_teacher_logits(teacher: nn.Module, datamodule: Any, path: str | os.PathLike, *,
+                         device: torch.device | str | None = None) -> TeacherLogitCache:
+    """Run ``teacher`` over ``datamodule``'s training split and save the logits as a :class:`TeacherLogitCache`.
+
+    The datamodule gives the teacher *its* inputs; a student whose datamodule reads the same split
+    another way (raw strings for pQRNN, WordPiece ids for the BERT teacher) trains from the file with
+    ``Distillation(cache=path)`` and no teacher: examples are matched by index, and the cache's
+    example count and label digest refuse any other split.
+
+    Args:
+        teacher: the trained teacher.
+        datamodule: one of our datamodules (``return_index``), set up for ``"fit"``.
+        path: the ``.pt`` file to write (atomically).
+        device: where the teacher runs.
+
+    Raises:
+        ConfigError: the datamodule cannot carry example indices.
+    """
+    from lightning_eff.callbacks.distillation_utils import dataset_labels, in_order
+
+    if not hasattr(datamodule, "return_index"):
+        raise ConfigError(f"cache_teacher_logits needs a datamodule with return_index (ours); got {type(datamodule).__name__}.")
+    previous = datamodule.return_index
+    datamodule.return_index = True
+    try:
+        loader = in_order(datamodule.train_dataloader())
+        logits = compute_teacher_logits(teacher, loader, device=device)
+    finally:
+        datamodule.return_index = previous
+    cache = TeacherLogitCache(path)
+    cache.save(logits, teacher_fingerprint=model_fingerprint(teacher), labels=dataset_labels(loader.dataset))
+    log.info("cached teacher logits for %d examples at %s", logits.shape[0], cache.path)
+    return cache
 
 
 @torch.no_grad()

@@ -118,6 +118,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None, help="student (and teacher) epochs")
     parser.add_argument("--limit-train", type=int, default=None, help="training examples (default: all)")
     parser.add_argument("--no-bucket", action="store_true", help="random (not length-bucketed) text batches")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the run files here (e.g. the teacher-logit cache train_logits.pt; default: a temp dir)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     cfg = TASKS[args.task]
@@ -128,7 +130,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     from lightning_eff.learning.distillation.teacher import load_teacher
     from lightning_eff.models import create_model
 
-    root = Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     if args.teacher_ckpt:
         teacher = load_teacher(args.teacher_ckpt).eval()

@@ -324,6 +324,10 @@ def test_pqrnn_recipe_runs(tmp_path):
     for variant in ("ptq_int8_x86", "ptq_dynamic_int8_x86"):
         assert 0.0 <= rows[variant]["test_acc"] <= 1.0, variant
         assert rows[variant]["fp32_bytes"] < rows["fp32"]["fp32_bytes"], variant  # serialized state dict
+    # every variant's encoder exported (scripted), reloaded and verified
+    artifacts = {f"{a['variant']}.{a['format']}": a for a in result["artifacts"]}
+    assert set(artifacts) == {f"{v}.{f}" for v in ("fp32", "ptq_int8_x86", "ptq_dynamic_int8_x86") for f in ("pt", "ptl")}
+    assert all(a.get("top1_agreement") == 1.0 for a in artifacts.values()), artifacts
 
 
 @needs_wordnet

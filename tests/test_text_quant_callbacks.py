@@ -161,3 +161,28 @@ def test_submodule_bad_inputs(tmp_path, cls):
         trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
         trainer.fit(task, datamodule=TinyText())
         cb.deployable_models()
+
+
+@pytest.mark.export
+def test_export_the_encoder_of_every_variant(tmp_path):
+    """Export(submodule='encoder'): fp32 and int8 encoders scripted, reloaded, verified on other glosses."""
+    from lightning_eff import Export
+    from lightning_eff.infra.export import load_artifact
+
+    task, dm = _task(), TinyText()
+    _trainer(tmp_path / "fit", []).fit(task, datamodule=dm)
+    ptq = PostTrainingQuantization(mode="static", engines=["x86"], submodule="encoder", calibration_batches=4)
+    dynamic = PostTrainingQuantization(mode="dynamic", engines=["x86"], submodule="encoder")
+    export = Export(formats=["pt", "ptl"], submodule="encoder", output_dir=str(tmp_path / "art"), verify_examples=8,
+                    latency=False, strict=True)
+    _trainer(tmp_path, [ptq, dynamic, export], max_epochs=1, limit_train_batches=0).fit(task, datamodule=dm)
+    artifacts = {f"{a['variant']}.{a['format']}": a for a in export.artifacts()}
+    assert set(artifacts) == {f"{v}.{f}" for v in ("fp32", "ptq_int8_x86", "ptq_dynamic_int8_x86") for f in ("pt", "ptl")}
+    for name, a in artifacts.items():
+        assert a["top1_agreement"] == 1.0 and a["max_abs_err"] < 1e-4, (name, a)
+    # the scripted encoder takes any sequence length (the recurrence is a loop, not unrolled)
+    encoder = load_artifact(artifacts["fp32.pt"]["path"])
+    for texts in (["a"], ["a much longer gloss with many more words than the tracing example had"]):
+        features, mask = task.model.projection(texts)
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(features, mask), task.model.eval().encoder(features, mask), atol=1e-5, rtol=1e-5)

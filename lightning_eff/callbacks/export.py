@@ -40,11 +40,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_eff.callbacks.common import cpu_copy, example_inputs, model_inputs, target_module, to_cpu
+from lightning_eff.callbacks.common import cpu_copy, example_inputs, get_submodule, model_inputs, submodule_inputs, target_module, to_cpu
 from lightning_eff.compression.quantization.fx import model_engine
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra import export as ex
-from lightning_eff.infra.footprint import file_bytes, gzip_size, measure_latency
+from lightning_eff.infra.footprint import batch_len, batch_rows, file_bytes, gzip_size, measure_latency
 from lightning_eff.validation import check_bool, check_choice, check_int
 
 __all__ = ["Export", "FORMATS", "float_from_fx_qat"]
@@ -118,6 +118,11 @@ class Export(L.Callback):
         verify_examples: how many real examples the comparison uses.
         latency: measure the loaded artifact's batch-1 latency.
         module_attr: attribute of the LightningModule holding the network.
+        submodule: export this (dotted) submodule of every variant instead of the whole network,
+            e.g. ``"encoder"`` of the projection models (their string hashing is Python
+            pre-processing): its inputs are captured by running each variant on the real examples,
+            and it is scripted (loops stay loops, so any sequence length works). Skips the
+            automatic int8 ``.pte`` (its calibration feeds the whole network's inputs).
         strict: raise on the first failed export instead of recording it.
 
     Raises:
@@ -136,6 +141,7 @@ class Export(L.Callback):
         verify_examples: int = 16,
         latency: bool = True,
         module_attr: str = "model",
+        submodule: str | None = None,
         strict: bool = False,
     ) -> None:
         super().__init__()
@@ -152,6 +158,9 @@ class Export(L.Callback):
         self.verify_examples = check_int("verify_examples", verify_examples, low=2)
         self.latency = check_bool("latency", latency)
         self.module_attr = module_attr
+        if submodule is not None and (not isinstance(submodule, str) or not submodule):
+            raise ConfigError(f"submodule={submodule!r} must be a dotted submodule name (e.g. 'encoder') or null.")
+        self.submodule = submodule
         self.strict = check_bool("strict", strict)
         self._artifacts: list[dict[str, Any]] = []
 
@@ -201,14 +210,21 @@ class Export(L.Callback):
         examples = example_inputs(trainer, self.verify_examples + 1)
         if examples is None:
             raise ConfigError("Export needs example inputs: give the datamodule a sample_inputs(n) method.")
-        example = examples[:1]
         # Verification uses real examples other than the tracing example, one at a time for .pte
         # (static shapes) and as one batch for TorchScript (checks the batch dim is not baked in).
-        verify_single = [examples[i : i + 1] for i in range(1, examples.shape[0])]
-        verify_batch = [examples[1:]]
+        n = batch_len(examples)
+        split = (batch_rows(examples, 0, 1), [batch_rows(examples, i, i + 1) for i in range(1, n)], [batch_rows(examples, 1)])
+        example, verify_single, verify_batch = split
         models = self._models(trainer, pl_module)
         self._artifacts = []
         for variant, model in models.items():
+            if self.submodule:  # the part to export, and the arguments it receives from the real examples
+                example, verify_single, verify_batch = (
+                    submodule_inputs(model, self.submodule, split[0]),
+                    [submodule_inputs(model, self.submodule, x) for x in split[1]],
+                    [submodule_inputs(model, self.submodule, x) for x in split[2]],
+                )
+                model = get_submodule(model, self.submodule)
             int8 = _is_int8(model)
             pt2e_q = _is_pt2e_int8(model)
             for fmt in self.formats:
@@ -220,7 +236,7 @@ class Export(L.Callback):
                 if fmt == "onnx" and int8:
                     continue
                 self._export_one(variant, model, fmt, out_dir, example, verify_batch if fmt in ("pt", "ptl") else verify_single)
-        if "pte" in self.formats and self.int8_pte and not any(_is_pt2e_int8(m) for m in models.values()):
+        if "pte" in self.formats and self.int8_pte and not self.submodule and not any(_is_pt2e_int8(m) for m in models.values()):
             net = target_module(pl_module, self.module_attr)
             if "fp32" in models:
                 self._export_one("ptq_int8_xnnpack", models["fp32"], "pte", out_dir, example, verify_single,
@@ -231,7 +247,7 @@ class Export(L.Callback):
         rank_zero_info(f"Export: wrote {sum('path' in a for a in self._artifacts)} artifacts to {out_dir}")
         return self.artifacts()
 
-    def _export_one(self, variant: str, model: nn.Module, fmt: str, out_dir: Path, example: torch.Tensor,
+    def _export_one(self, variant: str, model: nn.Module, fmt: str, out_dir: Path, example: Any,
                     verify_inputs: list, int8: bool = False, calibration: list | None = None) -> None:
         engine = model_engine(model) if fmt in ("pt", "ptl") else ("xnnpack" if fmt == "pte" else None)
         path = out_dir / f"{variant}.{fmt}"
@@ -239,23 +255,25 @@ class Export(L.Callback):
         try:
             # FX int8 graphs are scripted: tracing them turns the (constant) input scale into a
             # Python float, which the tracer rightly flags; float models are traced.
-            method = "script" if _is_int8(model) else "trace"
+            # A submodule gets captured argument tuples and is scripted (its loops must not unroll).
+            method = "script" if _is_int8(model) or self.submodule else "trace"
+            args = example if isinstance(example, tuple) else (example,)
             if fmt == "pt":
-                ex.export_torchscript(model, (example,), path, method=method)
+                ex.export_torchscript(model, args, path, method=method)
             elif fmt == "ptl":
-                ex.export_lite(model, (example,), path, method=method)
+                ex.export_lite(model, args, path, method=method)
             elif fmt == "pte":
-                ex.export_executorch(model, (example,), path, int8=int8, calibration=calibration)
+                ex.export_executorch(model, args, path, int8=int8, calibration=calibration)
             else:
-                ex.export_onnx(model, (example,), path)
+                ex.export_onnx(model, args, path)
             entry.update(path=str(path), bytes=file_bytes(path), gzip_bytes=gzip_size(path))
             artifact = ex.load_artifact(path)
             if self.verify:
                 # For int8=True .pte the reference is the float model it was quantized from, so the
                 # figures include the quantization error, not just the export's fidelity.
-                entry.update(ex.verify_artifact(model, artifact, verify_inputs, example_inputs=(example,)))
+                entry.update(ex.verify_artifact(model, artifact, verify_inputs, example_inputs=args))
             if self.latency:
-                entry["latency_ms_b1"] = measure_latency(artifact, (example,), warmup=3, repeats=20)
+                entry["latency_ms_b1"] = measure_latency(artifact, args, warmup=3, repeats=20)
         except Exception as err:  # one failed export must not cost the run (or the other artifacts)
             if self.strict:
                 raise

@@ -46,11 +46,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_int
 
 __all__ = [
     "count_parameters", "count_nonzero_parameters", "serialize_state_dict", "state_dict_bytes", "gzip_size",
-    "file_bytes", "count_macs", "call_with_inputs", "resize_batch", "measure_latency", "measure_latencies",
+    "file_bytes", "count_macs", "call_with_inputs", "resize_batch", "batch_rows", "batch_len", "measure_latency", "measure_latencies",
     "peak_memory_mb", "process_peak_rss_mb", "measure_footprint", "format_table", "write_results",
 ]
 
@@ -211,6 +212,27 @@ def resize_batch(inputs: Any, batch_size: int) -> Any:
     if isinstance(inputs, list):
         return [resize_batch(value, batch_size) for value in inputs]
     return inputs
+
+
+def batch_rows(inputs: Any, start: int, stop: int | None = None) -> Any:
+    """Rows ``start:stop`` of a batch: tensors and lists along dim 0, dict values and tuple items alike."""
+    if isinstance(inputs, (Tensor, list)):
+        return inputs[start:stop]
+    if isinstance(inputs, Mapping):
+        return {key: batch_rows(value, start, stop) for key, value in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(batch_rows(value, start, stop) for value in inputs)
+    return inputs
+
+
+def batch_len(inputs: Any) -> int:
+    """Number of rows of a batch (tensor, list, or the first value of a dict / tuple)."""
+    if isinstance(inputs, (Tensor, list)):
+        return len(inputs)
+    values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs) if isinstance(inputs, tuple) else []
+    if not values:
+        raise ConfigError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}.")
+    return batch_len(values[0])
 
 
 def _first_tensor(inputs: Any) -> Tensor | None:

@@ -180,10 +180,13 @@ def test_pqrnn_kd_recipe_learns_from_a_wordpiece_teachers_cache(tmp_path):
         ref = default_output_fn(call_with_inputs(teacher, model_inputs(batch)))
     torch.testing.assert_close(cache.logits[[5, 17]], ref, atol=1e-4, rtol=1e-4)
 
+    # the int8 and export callbacks stay on: they read training batches, which carry indices while the cache is used
     result = run(compose("pqrnn_kd", [f"run_dir={tmp_path / 'run'}", f"callbacks.distill.cache={path}", "model=pqrnn",
-                                      "++model.hidden=16", "++model.bottleneck=16", "callbacks.ptq=null",
-                                      "callbacks.ptq_dynamic=null", *TINY_OVERRIDES]))
+                                      "++model.hidden=16", "++model.bottleneck=16", "callbacks.ptq.calibration_batches=2",
+                                      *TINY_OVERRIDES]))
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
+    assert {"fp32", "ptq_int8_x86", "ptq_dynamic_int8_x86"} <= set(result["report"])
+    assert not [a for a in result["artifacts"] if "error" in a], result["artifacts"]
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "distill/kd_loss_epoch" in header, header  # the KD term was computed from the cache
     # a cache of another split is refused by count

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_eff.data.indexed import IndexedBatch
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import call_with_inputs, resize_batch
 
@@ -98,7 +99,13 @@ def submodule_inputs(net: nn.Module, path: str, inputs: Any, option: str = "subm
 
 
 def model_inputs(batch: Any) -> Any:
-    """Inputs part of a dataloader batch: ``batch[0]`` of a tuple/list, a dict minus its labels."""
+    """Inputs part of a dataloader batch: ``batch[0]`` of a tuple/list, a dict minus its labels.
+
+    An :class:`~lightning_eff.data.indexed.IndexedBatch` (training batches while offline
+    distillation is on) is unwrapped first: its index tensor is not an input.
+    """
+    if isinstance(batch, IndexedBatch):
+        batch = batch.batch
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     if isinstance(batch, Mapping):

@@ -49,7 +49,7 @@ TASKS = {
         "epochs": 3, "quick_limit": 3000,
     },
     "fmnist": {
-        "data": {"batch_size": 128},
+        "data": {"batch_size": 128, "resize": 32},  # as conf/data/fashion_mnist.yaml: recipe checkpoints are teachers
         "teacher": {"name": "mobilenetv2", "width": 1.0, "small_input_stages": 1},
         "student": {"name": "mobilenetv2", "width": 0.35, "small_input_stages": 1},
         "task": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-5, "scheduler": "onecycle", "warmup_fraction": 0.15},

@@ -14,7 +14,8 @@ from lightning_eff.data.indexed import IndexedBatch
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import call_with_inputs, resize_batch
 
-__all__ = ["target_module", "set_target_module", "get_submodule", "set_submodule", "submodule_inputs", "example_inputs",
+__all__ = ["target_module", "set_target_module", "get_submodule", "check_submodule", "set_submodule", "submodule_inputs",
+           "example_inputs",
            "model_inputs", "to_cpu", "cpu_copy"]
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,13 @@ def get_submodule(net: nn.Module, path: str, option: str = "submodule") -> nn.Mo
     except AttributeError:
         names = [n for n, _ in net.named_modules() if n and n.count(".") < 2][:20]
         raise ConfigError(f"{option}={path!r}: {type(net).__name__} has no submodule of that name; it has {names}.") from None
+
+
+def check_submodule(submodule: Any, option: str = "submodule") -> str | None:
+    """A dotted submodule name or ``None``; anything else is a ConfigError naming the option."""
+    if submodule is not None and (not isinstance(submodule, str) or not submodule):
+        raise ConfigError(f"{option}={submodule!r} must be a dotted submodule name (e.g. 'encoder') or null.")
+    return submodule
 
 
 def set_submodule(net: nn.Module, path: str, module: nn.Module, option: str = "submodule") -> None:

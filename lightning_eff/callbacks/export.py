@@ -40,7 +40,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_eff.callbacks.common import cpu_copy, example_inputs, get_submodule, model_inputs, submodule_inputs, target_module, to_cpu
+from lightning_eff.callbacks.common import (
+    check_submodule,
+    cpu_copy,
+    example_inputs,
+    get_submodule,
+    model_inputs,
+    submodule_inputs,
+    target_module,
+    to_cpu,
+)
 from lightning_eff.compression.quantization.fx import model_engine
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra import export as ex
@@ -158,9 +167,7 @@ class Export(L.Callback):
         self.verify_examples = check_int("verify_examples", verify_examples, low=2)
         self.latency = check_bool("latency", latency)
         self.module_attr = module_attr
-        if submodule is not None and (not isinstance(submodule, str) or not submodule):
-            raise ConfigError(f"submodule={submodule!r} must be a dotted submodule name (e.g. 'encoder') or null.")
-        self.submodule = submodule
+        self.submodule = check_submodule(submodule)
         self.strict = check_bool("strict", strict)
         self._artifacts: list[dict[str, Any]] = []
 

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_eff.callbacks.common import (
+    check_submodule,
     cpu_copy,
     example_inputs,
     get_submodule,
@@ -90,10 +91,8 @@ def _check_per_channel(per_channel: Any, flow: str) -> bool | str:
 
 
 def _check_submodule(submodule: str | None, flow: str) -> str | None:
-    if submodule is None:
+    if check_submodule(submodule) is None:
         return None
-    if not isinstance(submodule, str) or not submodule:
-        raise ConfigError(f"submodule={submodule!r} must be a dotted submodule name (e.g. 'encoder') or null.")
     if flow != "fx":
         raise ConfigError(f"submodule={submodule!r} needs flow='fx': a pt2e graph is exported with static non-batch "
                           "shapes, which the variable-length inputs of text encoders do not have.")
@@ -106,13 +105,11 @@ def _hosted(net: nn.Module, submodule: str | None, quantized: nn.Module) -> nn.M
         return quantized
     inner = net.get_submodule(submodule)
     # Deep-copy the host without the (possibly fake-quant, possibly on GPU) submodule, then plug in.
-    parent, _, name = submodule.rpartition(".")
-    owner = net.get_submodule(parent) if parent else net
-    setattr(owner, name, nn.Identity())
+    set_submodule(net, submodule, nn.Identity())
     try:
         host = cpu_copy(net)
     finally:
-        setattr(owner, name, inner)
+        set_submodule(net, submodule, inner)
     set_submodule(host, submodule, quantized)
     return host
 

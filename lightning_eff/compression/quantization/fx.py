@@ -79,6 +79,8 @@ __all__ = [
 ]
 
 OBSERVERS = ("minmax", "moving_average", "histogram")
+#: Attribute stored on prepared / converted models so convert and export know the engine.
+ENGINE_ATTR = "_lightning_eff_engine"
 #: ``per_channel`` choices: every weight per output channel, none, or depthwise convolutions only
 PER_CHANNEL = (True, False, "depthwise")
 
@@ -91,17 +93,17 @@ def check_per_channel(value: Any, option: str = "per_channel") -> bool | str:
     matter most for accuracy (folded BN spreads channel ranges widely), but only ~0.1 bytes per weight
     of a 1x1 convolution over 128+ inputs. ``"depthwise"`` keeps them where they pay.
     """
-    if value is True or value is False or value == "depthwise":
+    if any(value is choice if isinstance(choice, bool) else value == choice for choice in PER_CHANNEL):
         return value
-    raise ConfigError(f"{option}={value!r} is not valid; choose one of [True, False, 'depthwise'].")
+    raise ConfigError(f"{option}={value!r} is not valid; choose one of {list(PER_CHANNEL)}.")
 
 
 def depthwise_conv_names(model: nn.Module) -> list[str]:
     """Paths of the depthwise convolutions (``groups == in_channels > 1``) of ``model``."""
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
-#: Attribute stored on prepared / converted models so convert and export know the engine.
-ENGINE_ATTR = "_lightning_eff_engine"
+
+
 def _observer_cls(observer: str, per_channel: bool, weight: bool):
     from torch.ao.quantization import observer as obs
 

@@ -186,3 +186,26 @@ def test_export_the_encoder_of_every_variant(tmp_path):
         features, mask = task.model.projection(texts)
         with torch.no_grad():
             torch.testing.assert_close(encoder(features, mask), task.model.eval().encoder(features, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.export
+def test_export_submodule_skips_the_teacher_and_records_variants_without_it(tmp_path):
+    """A Distillation teacher (an LSTM: no ``encoder``) is a report row, not an artifact; a variant
+    lacking the submodule is recorded as an error entry, not a crash after training."""
+    from lightning_eff import Distillation, Export
+    from lightning_eff.callbacks.export import Export as ExportCls
+
+    task, dm = _task(), TinyText()
+    teacher = create_model("lstm", num_classes=4)
+    export = Export(formats=["pt"], submodule="encoder", output_dir=str(tmp_path / "art"), verify_examples=4, latency=False)
+    _trainer(tmp_path, [Distillation(teacher=teacher), export], max_epochs=1, limit_train_batches=2).fit(task, datamodule=dm)
+    assert [a["variant"] for a in export.artifacts()] == ["fp32"] and "error" not in export.artifacts()[0]
+
+    class Offers(L.Callback):
+        def deployable_models(self):
+            return {"no_encoder": nn.Linear(3, 2)}
+
+    odd = ExportCls(formats=["pt"], submodule="encoder", output_dir=str(tmp_path / "art2"), verify_examples=4, latency=False)
+    _trainer(tmp_path / "b", [Offers(), odd], max_epochs=1, limit_train_batches=1).fit(_task(), datamodule=dm)
+    by_variant = {a["variant"]: a for a in odd.artifacts()}
+    assert "error" not in by_variant["fp32"] and "no submodule" in by_variant["no_encoder"]["error"]

@@ -452,6 +452,9 @@ class Distillation(L.Callback):
             self._patched.__dict__.pop("training_step", None)
             self._patched = None
 
+    #: the teacher is a reference row of the report, not an artifact of this run: ``Export`` skips it
+    exportable = False
+
     def deployable_models(self) -> dict[str, nn.Module]:
         """The teacher as a row of the end-of-run report, beside the student (``report_teacher``)."""
         if not self.report_teacher or self.teacher is None:

@@ -226,12 +226,20 @@ class Export(L.Callback):
         self._artifacts = []
         for variant, model in models.items():
             if self.submodule:  # the part to export, and the arguments it receives from the real examples
-                example, verify_single, verify_batch = (
-                    submodule_inputs(model, self.submodule, split[0]),
-                    [submodule_inputs(model, self.submodule, x) for x in split[1]],
-                    [submodule_inputs(model, self.submodule, x) for x in split[2]],
-                )
-                model = get_submodule(model, self.submodule)
+                try:
+                    example, verify_single, verify_batch = (
+                        submodule_inputs(model, self.submodule, split[0]),
+                        [submodule_inputs(model, self.submodule, x) for x in split[1]],
+                        [submodule_inputs(model, self.submodule, x) for x in split[2]],
+                    )
+                    model = get_submodule(model, self.submodule)
+                except Exception as err:  # a variant without that part is recorded, never fatal
+                    if self.strict:
+                        raise
+                    self._artifacts.append({"variant": variant, "format": None, "engine": None,
+                                            "error": f"{type(err).__name__}: {err}"})
+                    rank_zero_warn(f"Export: {variant} not exported: {err}")
+                    continue
             int8 = _is_int8(model)
             pt2e_q = _is_pt2e_int8(model)
             for fmt in self.formats:

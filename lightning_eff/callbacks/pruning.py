@@ -16,6 +16,11 @@ The callback only decides *when*; the engine is :class:`~lightning_eff.compressi
 * With :class:`~lightning_eff.callbacks.QuantizationAwareTraining` in the same trainer, in either
   order, the masks are re-bound by name to the prepared (fake-quant) model in ``on_fit_start``; the
   converted int8 model keeps the zeros (upstream ``prune -> prepare_qat`` crashes, Lightning #11047).
+* ``compact_during_fit=True`` (channel granularity): once the schedule reaches its final
+  sparsity, the pruned channels are removed from the *live* model and every optimizer is rebuilt
+  on the smaller parameters (momentum / Adam state sliced with them), so the remaining fine-tuning
+  runs on the smaller, faster network. Resuming from a checkpoint taken after that compacts the
+  fresh model first, from the channel indices saved in this callback's state.
 * At the end of fit: ``deployable_models()`` gives the physically compacted model for channel
   pruning; ``artifacts()`` writes the compressed bitmask artifact for unstructured sparsity and
   states plainly whether sparsity bought latency.
@@ -42,7 +47,13 @@ from lightning_eff.callbacks.common import cpu_copy, example_inputs, target_modu
 from lightning_eff.compression.pruning.config import PruningConfig
 from lightning_eff.compression.pruning.pruner import Pruner
 from lightning_eff.compression.pruning.sparse_format import VALUE_DTYPES, save_sparse
-from lightning_eff.compression.pruning.structured import channel_keep, compact, find_channel_groups
+from lightning_eff.compression.pruning.structured import (
+    channel_keep,
+    compact,
+    compact_training,
+    find_channel_groups,
+    slice_like,
+)
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import call_with_inputs, gzip_size
 from lightning_eff.validation import check_bool, check_choice
@@ -90,8 +101,9 @@ class Pruning(L.Callback):
         schedule_steps / schedule_amounts: the explicit schedule for ``"steps"`` (non-decreasing).
         saliency: ``"l1"``, ``"l2"``, ``"taylor"`` (|w·g|) or ``"obd"`` (½·F·w², Fisher ≈ Hessian diagonal).
         granularity: ``"unstructured"``, ``"nm"`` (``n``:``m``, e.g. 2:4), ``"block"`` (``block``) or
-            ``"channel"`` (filters; MobileNetV2 expansion and head channels are pruned as coupled
-            groups and removed physically at export).
+            ``"channel"`` (filters; MobileNetV2 expansion channels, the head, and — when their
+            producers ``conv_stem`` / ``conv_pwl`` are selected — the residual streams are pruned as
+            coupled groups and removed physically at export).
         distribution: ``"global"``, ``"uniform"`` or ``"erk"``.
         n / m: the N:M pattern.
         block: ``[rows, cols]`` of a block.
@@ -113,6 +125,10 @@ class Pruning(L.Callback):
         export_sparse: values dtype of the compressed artifact (``"fp32"``, ``"fp16"``, ``"int8"``) or
             ``None`` for no artifact.
         artifact_dir: where to write it (default ``<trainer.default_root_dir>/pruning``).
+        compact_during_fit: channel granularity only: physically remove the pruned channels from
+            the live model (and its optimizers' state) as soon as the schedule reaches ``amount``,
+            so fine-tuning after that runs on the smaller network. Single process only (DDP's
+            gradient buckets are bound to the parameters it was built with).
 
     Raises:
         ConfigError: any bad option, naming it (at construction); a selector naming a module without
@@ -157,6 +173,7 @@ class Pruning(L.Callback):
         log_sparsity: bool = True,
         export_sparse: str | None = "fp32",
         artifact_dir: str | None = None,
+        compact_during_fit: bool = False,
     ) -> None:
         super().__init__()
         self.config = PruningConfig(
@@ -177,7 +194,16 @@ class Pruning(L.Callback):
             check_choice("export_sparse", export_sparse, VALUE_DTYPES)
         self.export_sparse = export_sparse
         self.artifact_dir = artifact_dir
+        self.compact_during_fit = check_bool("compact_during_fit", compact_during_fit)
+        if compact_during_fit and granularity != "channel":
+            raise ConfigError(f"compact_during_fit=True needs granularity='channel' (got {granularity!r}): only whole "
+                              "channels can be removed from a training model; other granularities keep their shapes.")
+        if compact_during_fit and regrowth is not None:
+            raise ConfigError(f"compact_during_fit=True cannot be combined with regrowth={regrowth!r}: removed channels "
+                              "cannot grow back. Use one or the other.")
         self.pruner = Pruner(self.config)
+        self._compacted: dict[str, torch.Tensor] | None = None
+        self._restore_hook: tuple[nn.Module, Any] | None = None
         self._hooks: list[Any] = []
         self._bound: nn.Module | None = None
         self._trainer: L.Trainer | None = None
@@ -203,6 +229,69 @@ class Pruning(L.Callback):
             # after every callback's surgery (QAT prepare) and the checkpoint restore.
             self.pruner.validate(target_module(pl_module, self.module_attr))
             self._bound = None
+            if self.compact_during_fit:
+                self._compacted = None  # set again by a compacted checkpoint being restored
+                if trainer.world_size > 1:
+                    raise ConfigError(f"compact_during_fit=True is not supported with {trainer.world_size} processes: DDP's "
+                                      "gradient buckets are bound to the parameters it was built with. Leave it False: the "
+                                      "channels are then removed from the exported copy at the end of fit.")
+                self._install_restore_hook(pl_module)
+
+    def _install_restore_hook(self, pl_module: L.LightningModule) -> None:
+        """Compact a fresh model before a compacted checkpoint's weights are loaded into it.
+
+        Lightning calls the module's ``on_load_checkpoint`` just before ``load_state_dict`` (and
+        before the optimizers exist); the callback's own state is restored only later.
+        """
+        if self._restore_hook is not None:
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            self.restore_compaction(pl_module, checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint
+        self._restore_hook = (pl_module, original)
+
+    def restore_compaction(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> bool:
+        """Remove the channels a checkpoint's model had removed during fit, so its weights load.
+
+        Use it before ``load_state_dict`` when loading such a checkpoint outside ``fit``
+        (``load_from_checkpoint`` builds a full-size model). Returns True when it compacted.
+        """
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        keep = state.get("compacted")
+        if not keep or self._compacted is not None:
+            return False
+        model = target_module(pl_module, self.module_attr)
+        groups = [g for g in find_channel_groups(model) if g.name in keep]
+        compact(model, groups, {g.name: keep[g.name] for g in groups}, inplace=True)
+        self._compacted = {k: v.clone() for k, v in keep.items()}
+        return True
+
+    def _compact_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = target_module(pl_module, self.module_attr)
+        groups = find_channel_groups(model)
+        if not groups:
+            rank_zero_info(f"Pruning: compact_during_fit found no channel groups in {type(model).__name__} (e.g. a QAT-prepared "
+                           "graph); channels will be removed from the exported copy at the end instead.")
+            self._compacted = {}
+            return
+        before = sum(p.numel() for p in model.parameters())
+        keep = channel_keep(groups, model, self.pruner.masks)
+        slices = compact_training(model, groups, keep, trainer.optimizers)
+        masks = {k: slice_like(m, slices.get(k, [])) for k, m in self.pruner.masks.items()}
+        self.pruner.masks = {k: m for k, m in masks.items() if not bool(m.all())}  # removed channels need no mask
+        self.pruner.rewind_state = None
+        self._compacted = {k: v.cpu().clone() for k, v in keep.items()}
+        self._bound = None
+        self._bind(trainer, pl_module)
+        after = sum(p.numel() for p in model.parameters())
+        rank_zero_info(f"Pruning: step {trainer.global_step}: removed the pruned channels from the training model "
+                       f"({before:,} -> {after:,} parameters); optimizers rebuilt, fine-tuning continues on the smaller network.")
+        if self.log_sparsity:
+            pl_module.log("pruning/params_removed", 1.0 - after / before, on_step=True, on_epoch=False)
 
     def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = target_module(pl_module, self.module_attr)
@@ -232,6 +321,9 @@ class Pruning(L.Callback):
         self._bind(trainer, pl_module)
         if self.pruner.on_step_start(trainer.global_step, trainer.optimizers, self._broadcast(trainer)):
             self._log_layers(pl_module)
+        if (self.compact_during_fit and self._compacted is None and self.pruner.masks
+                and self.pruner.target(trainer.global_step) >= self.config.amount - 1e-12):
+            self._compact_now(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:  # noqa: D102
         self.pruner.before_optimizer_step(trainer.global_step, trainer.optimizers, self._broadcast(trainer))
@@ -262,6 +354,10 @@ class Pruning(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         self._remove_hooks()
+        if self._restore_hook is not None:
+            module, original = self._restore_hook
+            module.on_load_checkpoint = original
+            self._restore_hook = None
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -295,8 +391,9 @@ class Pruning(L.Callback):
 
     def deployable_models(self) -> dict[str, nn.Module]:
         """``{"pruned_compact": model}`` for channel pruning (physically smaller); empty otherwise,
-        since the trained model itself is the sparse float row of the report."""
-        if self.config.granularity != "channel" or not self.pruner.masks:
+        since the trained model itself is the sparse float row of the report (or, after
+        ``compact_during_fit``, already the compact model)."""
+        if self.config.granularity != "channel" or not self.pruner.masks or self._compacted:
             return {}
         if self._final is None and self._bound is not None:
             self.finalize()
@@ -354,8 +451,12 @@ class Pruning(L.Callback):
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         state = self.pruner.state_dict()
         state["callback_version"] = _STATE_VERSION
+        state["compacted"] = None if self._compacted is None else {k: v.clone() for k, v in self._compacted.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         self.pruner.load_state_dict(state_dict)
+        compacted = state_dict.get("compacted")
+        if compacted is not None:
+            self._compacted = {k: v.clone() for k, v in compacted.items()}
         self._bound = None

@@ -35,15 +35,22 @@ from lightning_eff.compression.pruning.regrowth import REGROWTH, drop_fraction, 
 from lightning_eff.compression.pruning.saliency import SALIENCIES, GradientStats, saliency_scores
 from lightning_eff.compression.pruning.selection import get_parameter, select_parameters
 from lightning_eff.compression.pruning.sparse_format import load_sparse, load_sparse_state_dict, save_sparse, sparse_state_dict
-from lightning_eff.compression.pruning.structured import ChannelGroup, compact, find_channel_groups, prune_channels
+from lightning_eff.compression.pruning.structured import (
+    ChannelGroup,
+    compact,
+    compact_training,
+    find_channel_groups,
+    prune_channels,
+    stream_groups,
+)
 
 __all__ = [
     "DISTRIBUTIONS", "GRANULARITIES", "REGROWTH", "SALIENCIES", "SCHEDULES",
     "ChannelGroup", "GradientStats", "Pruner", "PruningConfig",
-    "apply_masks", "compact", "compute_masks", "drop_fraction", "erk_densities", "find_channel_groups", "get_parameter",
+    "apply_masks", "compact", "compact_training", "compute_masks", "drop_fraction", "erk_densities", "find_channel_groups", "get_parameter",
     "layer_sparsities", "load_sparse", "load_sparse_state_dict", "mask_gradients", "mask_sparsity", "nm_mask", "prune",
     "prune_channels", "regrow", "rigl_update", "save_sparse", "saliency_scores", "select_parameters", "set_update",
-    "sparse_state_dict", "zero_optimizer_state",
+    "sparse_state_dict", "stream_groups", "zero_optimizer_state",
 ]
 
 

@@ -83,7 +83,7 @@ class Pruner:
         self.units = {name: None for name in selected}
         params = dict(selected)
         if c.granularity == "channel":
-            producers = {g.producer: g for g in find_channel_groups(model)}
+            producers = {p: g for g in find_channel_groups(model) for p in g.producers}
             for name in selected:
                 group = producers.get(name)
                 self.units[name] = group
@@ -164,17 +164,25 @@ class Pruner:
         if c.granularity != "channel":
             return compute_masks(scores, sparsity, c.granularity, c.distribution, n=c.n, m=c.m, block=c.block,
                                  previous=self.masks or None, allow_full=c.allow_full)
-        rows = {k: s.reshape(s.shape[0], -1).mean(dim=1) for k, s in scores.items()}
-        prev = {k: self.masks[k].reshape(self.masks[k].shape[0], -1).any(dim=1) for k in rows if k in self.masks}
-        keep = compute_masks(rows, sparsity, "unstructured", c.distribution, previous=prev or None, allow_full=c.allow_full)
-        masks: dict[str, Tensor] = {}
+        # one row of channel scores per unit: a lone layer's filters, or a group's channels (a residual
+        # stream has several selected producers: their filter scores are averaged)
         groups = {u.name: u for u in self.units.values() if u is not None}
-        by_group = {self.units[k].name: keep[k] for k in keep if self.units[k] is not None}
-        masks.update(group_masks(list(groups.values()), by_group, self.params))
-        for k, v in keep.items():
-            if self.units[k] is None:
+        key = {k: (u.name if u is not None else k) for k, u in self.units.items()}
+        parts: dict[str, list[Tensor]] = {}
+        for k, s in scores.items():
+            parts.setdefault(key[k], []).append(s.reshape(s.shape[0], -1).mean(dim=1))
+        rows = {u: torch.stack(v).mean(dim=0) for u, v in parts.items()}
+        prev = {}
+        for k, u in key.items():
+            if k in self.masks and u not in prev:
+                m = self.masks[k]
+                prev[u] = m.reshape(m.shape[0], -1).any(dim=1)
+        keep = compute_masks(rows, sparsity, "unstructured", c.distribution, previous=prev or None, allow_full=c.allow_full)
+        masks = group_masks(list(groups.values()), {u: v for u, v in keep.items() if u in groups}, self.params)
+        for k, u in key.items():
+            if u not in groups:
                 p = self.params[k]
-                masks[k] = v.reshape([-1] + [1] * (p.dim() - 1)).expand_as(p).clone()
+                masks[k] = keep[k].reshape([-1] + [1] * (p.dim() - 1)).expand_as(p).clone()
         return masks
 
     @torch.no_grad()

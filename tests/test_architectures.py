@@ -331,6 +331,25 @@ def test_pqrnn_recipe_runs(tmp_path):
 
 
 @needs_wordnet
+@pytest.mark.slow
+def test_pqrnn_lstm_kd_recipe_trains_the_teacher_then_distils(tmp_path):
+    """One command: the LSTM teacher stage, its logit cache over the raw-text split, then pQRNN distilled from it."""
+    from lightning_eff.cli import compose, run
+
+    overrides = [f"run_dir={tmp_path}", "++model.hidden=16", "++model.bottleneck=16", "++teacher.model.vocab_size=500",
+                 "++teacher.model.embed_dim=16", "++teacher.model.hidden=16", "callbacks.ptq=null", "callbacks.ptq_dynamic=null",
+                 *TINY_OVERRIDES]
+    result = run(compose("pqrnn_lstm_kd", overrides))
+    assert (tmp_path / "teacher" / "teacher.ckpt").exists() and (tmp_path / "teacher" / "train_logits.pt").exists()
+    assert 0.0 <= result["metrics"]["teacher/test_acc"] <= 1.0 and 0.0 <= result["metrics"]["test/acc"] <= 1.0
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "distill/kd_loss_epoch" in header, header
+    assert {"fp32", "teacher"} <= set(result["report"])
+    # the teacher (an LSTM, no `encoder`) is a report row, not an export: only the student's encoder is exported
+    assert {a["variant"] for a in result["artifacts"] if "error" not in a} == {"fp32"}
+
+
+@needs_wordnet
 def test_tfidf_svm_baseline_beats_majority():
     from lightning_eff.data import WordNetSupersenseDataModule
     from lightning_eff.learning.baselines import tfidf_svm_baseline

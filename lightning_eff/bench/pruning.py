@@ -10,9 +10,11 @@ Measures, in one process with a fixed thread count:
     three *alternated step by step* so that a neighbour process slows them alike; ratios of the
     medians. ``--lightning-runs`` adds whole interleaved ``Trainer.fit`` runs of the three callbacks
     (same model and data), which include Lightning's own per-step cost but are noisy on shared CPUs;
-(b) **structured 50%**: MobileNetV2 (width 1.0, 3×224×224) with half of the expansion channels
-    of every block and of the head removed (:func:`prune_channels`); CPU latency at batch 1 and 32
-    relative to dense (calls interleaved; ratio of the minimum times, medians in the JSON);
+(b) **structured 50%**: MobileNetV2 (width 1.0, 3×224×224) with half of *every* prunable channel
+    group removed (:func:`prune_channels`): the blocks' expansion channels, the head, and the
+    residual streams between blocks (stem, each stage's output, coupled through the skip adds);
+    CPU latency at batch 1 and 32 relative to dense (calls interleaved; ratio of the minimum times,
+    medians in the JSON). The expansion-only variant (streams kept whole) is measured beside it;
 (c) **sparse artifact**: bytes of the bitmask artifact of a 90%-sparse MobileNetV2 (width 1.0,
     global magnitude) relative to the dense ``torch.save`` state_dict; also int8 values, gzip, and
     the latency of the 90%-sparse model relative to dense (unstructured sparsity buys none on CPU).
@@ -43,7 +45,7 @@ from lightning_eff.bench.common import bench_parser, set_threads, write_bench
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.compression.pruning import prune, prune_channels, sparse_state_dict
 from lightning_eff.compression.pruning.sparse_format import serialize_sparse
-from lightning_eff.infra.footprint import count_parameters, gzip_size
+from lightning_eff.infra.footprint import count_macs, count_parameters, gzip_size
 from lightning_eff.models import create_model
 from lightning_eff.schedules import polynomial_decay
 
@@ -234,14 +236,21 @@ def structured_latency(quick: bool) -> dict[str, Any]:
         torch.manual_seed(0)
         dense = create_model("mobilenetv2", **kwargs).eval()
         small = prune_channels(dense, 0.5)
-        row: dict[str, Any] = {"params_dense": count_parameters(dense), "params_pruned": count_parameters(small)}
+        blocks_only = prune_channels(dense, 0.5, streams=False)
+        x1 = torch.randn(1, kwargs["in_chans"], res, res)
+        row: dict[str, Any] = {"params_dense": count_parameters(dense), "params_pruned": count_parameters(small),
+                               "params_expansion_only": count_parameters(blocks_only), "macs_dense": count_macs(dense, x1),
+                               "macs_pruned": count_macs(small, x1), "macs_expansion_only": count_macs(blocks_only, x1)}
         for b in (1, 32):
             x = torch.randn(b, kwargs["in_chans"], res, res)
             reps = (3 if b == 32 else 15) if quick else (10 if b == 32 else 50)
-            ms = paired_latency({"dense": dense, "pruned": small}, x, warmup=1 if b == 32 else 3, repeats=reps)
+            ms = paired_latency({"dense": dense, "pruned": small, "expansion_only": blocks_only}, x,
+                                warmup=1 if b == 32 else 3, repeats=reps)
             row[f"dense_ms_b{b}"], row[f"pruned_ms_b{b}"] = ms["dense"], ms["pruned"]
+            row[f"expansion_only_ms_b{b}"] = ms["expansion_only"]
             row[f"ratio_b{b}"] = ms["pruned"]["min"] / ms["dense"]["min"]
             row[f"median_ratio_b{b}"] = ms["pruned"]["median"] / ms["dense"]["median"]
+            row[f"expansion_only_ratio_b{b}"] = ms["expansion_only"]["min"] / ms["dense"]["min"]
         out[label] = row
     return out
 
@@ -298,7 +307,7 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
         elif kind == "ours_channels":
             cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),
                            granularity="channel", distribution="uniform", include=[r"blocks\..*\.conv_pw", "conv_head"],
-                           export_sparse=None, log_sparsity=False)]
+                           export_sparse=None, log_sparsity=False, compact_during_fit=True)]
         elif kind.startswith("lightning"):
             per_epoch = [polynomial_decay(int(round((e + 1) / epochs * steps)), 0.0, sparsity, 0, max(1, int(0.75 * steps)))
                          for e in range(epochs)]

@@ -290,3 +290,8 @@ def test_compact_during_fit_bad_options():
         Pruning(amount=0.5, granularity="unstructured", compact_during_fit=True)
     with pytest.raises(ConfigError, match="regrowth='rigl'"):
         Pruning(amount=0.5, schedule="constant", granularity="channel", regrowth="rigl", compact_during_fit=True)
+    from types import SimpleNamespace
+
+    task = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1})
+    with pytest.raises(ConfigError, match="not supported with 2 processes"):
+        Pruning(amount=0.5, granularity="channel", compact_during_fit=True).setup(SimpleNamespace(world_size=2), task, "fit")

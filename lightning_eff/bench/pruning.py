@@ -292,9 +292,22 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
     for s in (0.5, 0.75, 0.9):
         variants += [(f"ours_unstructured_{int(s * 100)}", s, "ours"), (f"modelpruning_unstructured_{int(s * 100)}", s, "lightning")]
     variants += [("ours_channels_50", 0.5, "ours_channels"), ("modelpruning_ln_structured_50", 0.5, "lightning_structured")]
+    # on request (--table1-rows): our unstructured rows with another distribution / schedule end, e.g.
+    # ours_unstructured_75_erk, ours_unstructured_75_end50 (polynomial schedule ends at 50% of training)
+    known = {v[0] for v in variants}
+    for extra in only or []:
+        parts = extra.split("_")
+        if extra not in known and extra.startswith("ours_unstructured_") and len(parts) >= 4 and parts[2].isdigit():
+            variants.append((extra, int(parts[2]) / 100.0, "ours"))
     for name, sparsity, kind in variants:
         if only and name not in only:
             continue
+        options = {"distribution": "global", "end_fraction": 0.75}
+        for part in name.split("_")[3:]:
+            if part in ("erk", "uniform", "global"):
+                options["distribution"] = part
+            elif part.startswith("end") and part[3:].isdigit():
+                options["end_fraction"] = int(part[3:]) / 100.0
         L.seed_everything(0, verbose=False)
         dm = FashionMNISTDataModule(batch_size=128, resize=32, augment=False, limit_train=train_examples, limit_test=test_examples)
         task = ClassificationTask(dict(name="mobilenetv2", **SMALL), lr=0.1, weight_decay=5e-5, scheduler="onecycle")
@@ -302,8 +315,8 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
         steps = epochs * len(dm.train_dataloader())
         cbs: list = []
         if kind == "ours":
-            cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),
-                           exclude=["conv_stem"], export_sparse=None, log_sparsity=False)]
+            cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=options["end_fraction"], frequency=max(1, steps // 40),
+                           distribution=options["distribution"], exclude=["conv_stem"], export_sparse=None, log_sparsity=False)]
         elif kind == "ours_channels":
             cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),
                            granularity="channel", distribution="uniform", include=[r"blocks\..*\.conv_pw", "conv_head"],

@@ -296,7 +296,7 @@ def sparse_artifact(quick: bool) -> dict[str, Any]:
 
 
 def table1(epochs: int, train_examples: int | None, test_examples: int | None, threads: int,
-           only: list[str] | None = None) -> dict[str, Any]:
+           only: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     """Table 1 analog on Fashion-MNIST: ours vs ModelPruning at the same sparsity and budget (``only``: a subset of rows)."""
     from lightning_eff.data import FashionMNISTDataModule
     from lightning_eff.infra.report import evaluate_accuracy
@@ -323,7 +323,7 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
                 options["distribution"] = part
             elif part.startswith("end") and part[3:].isdigit():
                 options["end_fraction"] = int(part[3:]) / 100.0
-        L.seed_everything(0, verbose=False)
+        L.seed_everything(seed, verbose=False)
         dm = FashionMNISTDataModule(batch_size=128, resize=32, augment=False, limit_train=train_examples, limit_test=test_examples)
         task = ClassificationTask(dict(name="mobilenetv2", **SMALL), lr=0.1, weight_decay=5e-5, scheduler="onecycle")
         dm.setup("fit")
@@ -355,7 +355,7 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
         rows[name] = {"test_acc": evaluate_accuracy(model, dm.test_dataloader()), "target_sparsity": sparsity,
                       "conv_linear_zero_fraction": zeros, "params": count_parameters(model), "train_s": time.perf_counter() - started}
         print(f"table1 {name}: acc={rows[name]['test_acc']:.4f} zeros={zeros:.3f} params={rows[name]['params']}", flush=True)
-    return {"epochs": epochs, "train_examples": train_examples, "test_examples": test_examples, "rows": rows}
+    return {"epochs": epochs, "train_examples": train_examples, "test_examples": test_examples, "seed": seed, "rows": rows}
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -371,13 +371,14 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=4, help="Table 1: epochs per run (default 4)")
     parser.add_argument("--train-examples", type=int, default=None, help="Table 1: limit the training set (default all 55k)")
     parser.add_argument("--test-examples", type=int, default=None, help="Table 1: limit the test set (default all 10k)")
+    parser.add_argument("--seed", type=int, default=0, help="Table 1: seed of every run (initialization, data order)")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     steps = args.steps or (20 if args.quick else 60)
     repeats = args.repeats or (3 if args.quick else 5)
     logging_off()
     if args.table1_only:
-        rows = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows)
+        rows = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows, args.seed)
         dense = rows["rows"].get("dense", {}).get("test_acc")
         result = {f"{k}_acc": v["test_acc"] for k, v in rows["rows"].items()}
         if dense is not None:
@@ -391,7 +392,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     if args.lightning_runs:
         payload["lightning_runs"] = step_overhead(steps, repeats)
     if args.table1:
-        payload["table1"] = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows)
+        payload["table1"] = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows, args.seed)
     big = structured["mnv2_w1.0_224"]
     result = {
         "step_overhead": overhead["step_overhead"],

@@ -42,6 +42,17 @@ def _mobilenet():
     return net.eval()
 
 
+def _zero_random_channels(net, groups, seed, keep_prob):
+    """Mask a random subset of every group's channels to exactly zero; returns the keep vectors."""
+    params = dict(net.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    keep = {g.name: torch.rand(g.channels, generator=gen) > keep_prob for g in groups}
+    with torch.no_grad():
+        for name, mask in group_masks(groups, keep, params).items():
+            params[name].mul_(mask)
+    return keep
+
+
 def test_groups_of_mobilenetv2():
     net = _mobilenet()
     groups = find_channel_groups(net, streams=False)
@@ -77,12 +88,7 @@ def test_stream_pruning_preserves_outputs_on_timm_families(arch):
             mod.bias.data.uniform_(-0.2, 0.2)
     groups = [g for g in find_channel_groups(net) if g.name.startswith("stream:")]
     assert len(groups) >= 6
-    params = dict(net.named_parameters())
-    gen = torch.Generator().manual_seed(2)
-    keep = {g.name: torch.rand(g.channels, generator=gen) > 0.5 for g in groups}
-    with torch.no_grad():
-        for name, mask in group_masks(groups, keep, params).items():
-            params[name].mul_(mask)
+    keep = _zero_random_channels(net, groups, seed=2, keep_prob=0.5)
     x = torch.randn(2, 3, 64, 64)
     small = compact(net, groups, keep)
     assert count_parameters(small) < 0.9 * count_parameters(net)
@@ -93,12 +99,7 @@ def test_stream_pruning_preserves_outputs_on_timm_families(arch):
 def test_removing_all_zero_channels_preserves_outputs():
     net = _mobilenet()
     groups = find_channel_groups(net)
-    params = dict(net.named_parameters())
-    gen = torch.Generator().manual_seed(1)
-    keep = {g.name: torch.rand(g.channels, generator=gen) > 0.4 for g in groups}
-    with torch.no_grad():
-        for name, mask in group_masks(groups, keep, params).items():
-            params[name].mul_(mask)
+    keep = _zero_random_channels(net, groups, seed=1, keep_prob=0.4)
     x = torch.randn(4, 1, 32, 32)
     small = compact(net)
     assert count_parameters(small) < 0.75 * count_parameters(net)

@@ -55,7 +55,7 @@ from lightning_eff.compression.pruning.structured import (
     slice_like,
 )
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import call_with_inputs, gzip_size
+from lightning_eff.infra.footprint import call_with_inputs, count_parameters, gzip_size
 from lightning_eff.validation import check_bool, check_choice
 
 __all__ = ["Pruning"]
@@ -278,7 +278,7 @@ class Pruning(L.Callback):
                            "graph); channels will be removed from the exported copy at the end instead.")
             self._compacted = {}
             return
-        before = sum(p.numel() for p in model.parameters())
+        before = count_parameters(model)
         keep = channel_keep(groups, model, self.pruner.masks)
         slices = compact_training(model, groups, keep, trainer.optimizers)
         masks = {k: slice_like(m, slices.get(k, [])) for k, m in self.pruner.masks.items()}
@@ -287,7 +287,7 @@ class Pruning(L.Callback):
         self._compacted = {k: v.cpu().clone() for k, v in keep.items()}
         self._bound = None
         self._bind(trainer, pl_module)
-        after = sum(p.numel() for p in model.parameters())
+        after = count_parameters(model)
         rank_zero_info(f"Pruning: step {trainer.global_step}: removed the pruned channels from the training model "
                        f"({before:,} -> {after:,} parameters); optimizers rebuilt, fine-tuning continues on the smaller network.")
         if self.log_sparsity:

@@ -349,9 +349,9 @@ def compact_training(model: nn.Module, groups: Sequence[ChannelGroup], keep: Map
     Returns:
         :func:`parameter_slices` of the cut, to slice masks or other parameter-shaped tensors.
     """
-    slices = parameter_slices(groups, keep)
     old = dict(model.named_parameters())
-    compact(model, groups, keep, inplace=True)
+    compact(model, groups, keep, inplace=True)  # validates keep against the groups
+    slices = parameter_slices(groups, keep)
     new = dict(model.named_parameters())
     name_of = {id(p): k for k, p in old.items()}
     for opt in optimizers:

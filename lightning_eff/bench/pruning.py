@@ -47,6 +47,7 @@ from lightning_eff.bench.common import bench_parser, set_threads, write_bench
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.compression.pruning import prune, prune_channels, sparse_state_dict
 from lightning_eff.compression.pruning.sparse_format import serialize_sparse
+from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import count_macs, count_parameters, gzip_size
 from lightning_eff.models import create_model
 from lightning_eff.schedules import polynomial_decay
@@ -314,6 +315,10 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
         parts = extra.split("_")
         if extra not in known and extra.startswith("ours_unstructured_") and len(parts) >= 4 and parts[2].isdigit():
             variants.append((extra, int(parts[2]) / 100.0, "ours"))
+    unknown = sorted(set(only or []) - {v[0] for v in variants})
+    if unknown:
+        raise ConfigError(f"--table1-rows: unknown rows {unknown}; rows are {[v[0] for v in variants]} "
+                          "(plus ours_unstructured_<pct>_<erk|uniform|global|endNN>).")
     for name, sparsity, kind in variants:
         if only and name not in only:
             continue
@@ -323,6 +328,8 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
                 options["distribution"] = part
             elif part.startswith("end") and part[3:].isdigit():
                 options["end_fraction"] = int(part[3:]) / 100.0
+            else:
+                raise ConfigError(f"--table1-rows {name!r}: unknown option {part!r}; use erk, uniform, global or endNN.")
         L.seed_everything(seed, verbose=False)
         dm = FashionMNISTDataModule(batch_size=128, resize=32, augment=False, limit_train=train_examples, limit_test=test_examples)
         task = ClassificationTask(dict(name="mobilenetv2", **SMALL), lr=0.1, weight_decay=5e-5, scheduler="onecycle")

@@ -34,6 +34,7 @@ from lightning_eff.infra.checkpoint_io import AtomicCheckpointIO
 from lightning_eff.infra.footprint import format_table, write_results
 from lightning_eff.infra.report import build_report, evaluate_accuracy
 from lightning_eff.models import list_models, model_signature
+from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "data_shaped", "REPO_ROOT"]
 
@@ -51,7 +52,7 @@ TOP_LEVEL_KEYS = {
 TEACHER_KEYS = {"model", "checkpoint", "max_epochs", "lr", "optimizer", "scheduler", "warmup_fraction",
                 "weight_decay", "limit_train_batches"}
 FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "scheduler", "warmup_fraction"}
-REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches"}
+REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches", "sparsity_probe", "sparsity_probe_min"}
 ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "error"]
 # Trainer arguments the CLI owns (it builds them from other config groups).
 _TRAINER_RESERVED = {"self", "callbacks", "logger", "plugins"}
@@ -162,6 +163,11 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
             if node is not None:
                 _check_target_node(f"finetune.callbacks.{name}", node)
     _check_node_keys("report", c.get("report") or {}, REPORT_KEYS)
+    report = c.get("report") or {}
+    if "sparsity_probe" in report:  # checked before training, not in the report after it
+        check_bool("report.sparsity_probe", report["sparsity_probe"])
+    if "sparsity_probe_min" in report:
+        check_number("report.sparsity_probe_min", report["sparsity_probe_min"], low=0.0, high=1.0)
 
 
 def _check_model(key: str, model: Any) -> None:
@@ -336,13 +342,16 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
     metrics = {**teacher_metrics, **{k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}}
     report = build_report(task, datamodule, [cb for _, _, cbs in stages for cb in cbs], c.get("report") or {},
                           fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
-    result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"], "run_dir": str(run_dir)}
+    result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"],
+              "sparsity_latency": report["sparsity"], "run_dir": str(run_dir)}
     if final_trainer.is_global_zero:
         write_results(run_dir / "results.json", {"config": c, **result})
         if c.get("print_report", True):
             print(format_table(report["rows"]))
             if report["artifacts"]:
                 print(format_table({f"{a['variant']}.{a['format']}": a for a in report["artifacts"]}, columns=ARTIFACT_COLUMNS))
+            for sentence in report["sparsity"]:  # per sparse variant / backend: did the zeros buy latency?
+                print(sentence)
             print(f"results: {run_dir / 'results.json'}")
     return result
 

@@ -28,13 +28,18 @@ def test_recipe_fast_dev_run(recipe, tmp_path):
 @needs_fmnist
 @pytest.mark.slow
 def test_prune_qat_recipe_keeps_sparsity_in_int8(tmp_path):
-    """Both stages run (float pruning, then QAT with the zeros kept); the int8 row keeps the sparsity."""
-    result = run(compose("mobilenet_prune_qat", [f"run_dir={tmp_path}", "model.width=0.25",
-                                                 "finetune.callbacks.qat.engines=[x86]", "++report.latency=false", *TINY_OVERRIDES]))
+    """Both stages run (float pruning, then QAT with the zeros kept); the int8 row keeps the sparsity,
+    and the report says per backend (fp32 eager, int8 x86) whether the zeros bought latency."""
+    result = run(compose("mobilenet_prune_qat", [f"run_dir={tmp_path}", "model.width=0.25", "finetune.callbacks.qat.engines=[x86]",
+                                                 "report.batch_sizes=[1]", "report.repeats=2", "report.memory=false", *TINY_OVERRIDES]))
     rows = result["report"]
     assert rows["fp32"]["sparsity"] > 0.6
     assert rows["qat_int8_x86"]["sparsity"] > 0.6
     assert any(a["variant"] == "pruned_sparse_int8" for a in result["artifacts"])
+    for variant, backend in (("fp32", "fp32 eager CPU"), ("qat_int8_x86", "int8 x86")):
+        assert rows[variant]["weight_zero_fraction"] > 0.7 and isinstance(rows[variant]["sparsity_bought_latency"], bool)
+        (sentence,) = [s for s in result["sparsity_latency"] if s.startswith(f"{variant} ({backend}): ")]
+        assert ("bought NO latency" in sentence) == (not rows[variant]["sparsity_bought_latency"])
 
 
 @needs_fmnist

@@ -31,10 +31,8 @@ Example:
 """
 from __future__ import annotations
 
-import copy
 import io
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from torch import nn
 from lightning_eff.callbacks.common import cpu_copy, example_inputs, target_module
 from lightning_eff.compression.pruning.config import PruningConfig
 from lightning_eff.compression.pruning.pruner import Pruner
+from lightning_eff.compression.pruning.speed import sparsity_latency
 from lightning_eff.compression.pruning.sparse_format import VALUE_DTYPES, save_sparse
 from lightning_eff.compression.pruning.structured import (
     channel_keep,
@@ -55,7 +54,7 @@ from lightning_eff.compression.pruning.structured import (
     slice_like,
 )
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import call_with_inputs, count_parameters, gzip_size
+from lightning_eff.infra.footprint import count_parameters, gzip_size, interleaved_min_ms
 from lightning_eff.validation import check_bool, check_choice
 
 __all__ = ["Pruning"]
@@ -66,21 +65,6 @@ _QUANT_STATE = re.compile(r"(activation_post_process|_fake_quant)")
 
 def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-@torch.inference_mode()
-def _interleaved_min_ms(models: dict[str, nn.Module], inputs: Any, repeats: int) -> dict[str, float]:
-    """Minimum ms per call, calls interleaved: robust to neighbour processes (they only add time)."""
-    best = {k: float("inf") for k in models}
-    for model in models.values():
-        model.eval()
-        call_with_inputs(model, inputs)  # warm-up
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            call_with_inputs(model, inputs)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1000.0)
-    return best
 
 
 class Pruning(L.Callback):
@@ -425,17 +409,13 @@ class Pruning(L.Callback):
         if inputs is not None:
             try:
                 if self.config.granularity == "channel":
-                    ms = _interleaved_min_ms({"masked": model, "compact": final}, inputs, repeats)
+                    ms = interleaved_min_ms({"masked": model, "compact": final}, inputs, repeats)
                     entry["latency"] = {"fp32_eager_cpu": {"masked_ms": ms["masked"], "compact_ms": ms["compact"],
                                                            "ratio": ms["compact"] / ms["masked"], "gain": ms["compact"] < 0.9 * ms["masked"]}}
-                else:
-                    dense_model = copy.deepcopy(model)
-                    with torch.no_grad():
-                        for p in dense_model.parameters():
-                            p.add_((p == 0).to(p.dtype) * 1e-3)
-                    ms = _interleaved_min_ms({"sparse": model, "dense": dense_model}, inputs, repeats)
-                    entry["latency"] = {"fp32_eager_cpu": {"sparse_ms": ms["sparse"], "dense_ms": ms["dense"],
-                                                           "ratio": ms["sparse"] / ms["dense"], "gain": ms["sparse"] < 0.9 * ms["dense"]}}
+                else:  # the int8 variants get the same probe in the report, under their own engines
+                    probe = sparsity_latency(model, inputs, repeats=repeats)
+                    entry["latency"] = {"fp32_eager_cpu": {"sparse_ms": probe["sparse_ms"], "dense_ms": probe["dense_ms"],
+                                                           "ratio": probe["sparse_ms"] / probe["dense_ms"], "gain": probe["bought_latency"]}}
             except Exception as err:  # a latency probe must not cost the trained run
                 entry["latency"] = {"error": f"{type(err).__name__}: {err}"}
         if self.config.granularity == "channel":

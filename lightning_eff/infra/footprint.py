@@ -52,7 +52,7 @@ from lightning_eff.validation import check_int
 __all__ = [
     "count_parameters", "count_nonzero_parameters", "serialize_state_dict", "state_dict_bytes", "gzip_size",
     "file_bytes", "count_macs", "call_with_inputs", "resize_batch", "batch_rows", "batch_len", "measure_latency", "measure_latencies",
-    "peak_memory_mb", "process_peak_rss_mb", "measure_footprint", "format_table", "write_results",
+    "peak_memory_mb", "process_peak_rss_mb", "interleaved_min_ms", "measure_footprint", "format_table", "write_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -365,6 +365,28 @@ def measure_latency(
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times))
+
+
+def interleaved_min_ms(models: Mapping[str, Callable[..., Any]], example_inputs: Any, repeats: int = 15) -> dict[str, float]:
+    """Minimum milliseconds per call of each model, the calls interleaved (a, b, a, b, ...).
+
+    For *ratios* between variants on a shared CPU: a neighbour's burst hits every variant alike,
+    and contention only ever adds time, so the minimum estimates a model's own cost best. One
+    untimed warm-up call each; submodule modes are restored afterwards.
+    """
+    check_int("repeats", repeats, low=1)
+    best = {name: float("inf") for name in models}
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(_inference(model))
+        for model in models.values():
+            call_with_inputs(model, example_inputs)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                call_with_inputs(model, example_inputs)
+                best[name] = min(best[name], (time.perf_counter() - start) * 1000.0)
+    return best
 
 
 def measure_latencies(

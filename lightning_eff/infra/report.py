@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.compression.pruning.speed import sparsity_latency, weight_zero_fraction
 from lightning_eff.compression.quantization.fx import model_engine
 from lightning_eff.compression.quantization.preflight import quantized_engine
 from lightning_eff.infra.footprint import measure_footprint
 from lightning_eff.tasks.classification import call_model, split_batch
+from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["build_report", "evaluate_accuracy", "collect_deployables"]
 
@@ -78,8 +80,12 @@ def build_report(
         fast: ``fast_dev_run`` — two eval batches, one latency repeat.
 
     Returns:
-        ``{"rows": {variant: {metric: value}}, "artifacts": [...]}``.
+        ``{"rows": {variant: {metric: value}}, "artifacts": [...], "sparsity": [sentence, ...]}`` — one
+        sentence per sparse variant (zero weights >= ``report.sparsity_probe_min``, default 0.2) saying
+        whether, on that variant's backend, the zeros bought latency (``report.sparsity_probe: false`` skips it).
     """
+    probe = check_bool("report.sparsity_probe", options.get("sparsity_probe", True))
+    probe_min = float(check_number("report.sparsity_probe_min", options.get("sparsity_probe_min", 0.2), low=0.0, high=1.0))
     batch_sizes = tuple(options.get("batch_sizes", (1, 32)))
     repeats = 1 if fast else int(options.get("repeats", 10))
     eval_batches = 2 if fast else options.get("eval_batches")
@@ -92,6 +98,7 @@ def build_report(
     test_loader = datamodule.test_dataloader()
     example = datamodule.sample_inputs(1)
     rows: dict[str, dict[str, Any]] = {}
+    sparsity_verdicts: list[str] = []
     for name, model in variants.items():
         row: dict[str, Any] = {}
         with quantized_engine(model_engine(model)):  # int8 variants run under the engine they were packed for
@@ -106,13 +113,42 @@ def build_report(
                     memory=bool(options.get("memory", True)), warmup=1 if fast else 3, repeats=repeats,
                 )
             )
+            if options.get("latency", True) and probe:
+                verdict = _sparsity_verdict(name, model, example, repeats, probe_min)
+                if verdict is not None:
+                    row.update(verdict[0])
+                    sparsity_verdicts.append(verdict[1])
         rows[name] = row
     artifacts: list[dict[str, Any]] = []
     for cb in callbacks:
         fn = getattr(cb, "artifacts", None)
         if callable(fn):
             artifacts.extend(fn())
-    return {"rows": rows, "artifacts": artifacts}
+    return {"rows": rows, "artifacts": artifacts, "sparsity": sparsity_verdicts}
+
+
+def _sparsity_verdict(name: str, model: Any, example: Any, repeats: int, min_zeros: float) -> tuple[dict[str, Any], str] | None:
+    """Per variant (i.e. per backend): did its zero weights buy latency? ``None`` for dense variants.
+
+    The variant is timed against the same model with its zeros filled in (same kernels, see
+    :mod:`lightning_eff.compression.pruning.speed`); the answer is stated plainly either way.
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        return None
+    try:
+        zeros = weight_zero_fraction(model)
+        if zeros < min_zeros:
+            return None
+        probe = sparsity_latency(model, example, repeats=max(repeats, 5))
+    except Exception as err:  # a probe must not cost the run its report
+        log.warning("sparsity latency probe of %s failed: %s", name, err)
+        return None
+    answer = "bought latency" if probe["bought_latency"] else "bought NO latency"
+    sentence = (f"{name} ({probe['backend']}): {100 * zeros:.0f}% zero weights {answer} — {probe['sparse_ms']:.3g} ms vs "
+                f"{probe['dense_ms']:.3g} ms for the same model with the zeros filled in (batch 1, {probe['speedup']:.2f}x)"
+                + ("" if probe["bought_latency"] else "; the kernels are dense: the gain is storage (see the sparse artifact)"))
+    row = {"weight_zero_fraction": zeros, "sparsity_speedup": probe["speedup"], "sparsity_bought_latency": probe["bought_latency"]}
+    return row, sentence
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@
 * :mod:`regrowth` — RigL / SET at fixed sparsity;
 * :mod:`structured` — coupled channel groups and physical channel removal;
 * :mod:`sparse_format` — the compressed bitmask artifact and its loader;
+* :mod:`speed` — whether the zeros bought latency (timed against the same model with the zeros filled in);
 * :class:`PruningConfig` + :class:`Pruner` — the schedule-driven engine the ``Pruning`` callback drives.
 
 Example (one-shot global magnitude pruning, no Trainer)::
@@ -34,6 +35,7 @@ from lightning_eff.compression.pruning.pruner import Pruner, zero_optimizer_stat
 from lightning_eff.compression.pruning.regrowth import REGROWTH, drop_fraction, regrow, rigl_update, set_update
 from lightning_eff.compression.pruning.saliency import SALIENCIES, GradientStats, saliency_scores
 from lightning_eff.compression.pruning.selection import get_parameter, select_parameters
+from lightning_eff.compression.pruning.speed import densify, sparsity_latency, weight_zero_fraction
 from lightning_eff.compression.pruning.sparse_format import load_sparse, load_sparse_state_dict, save_sparse, sparse_state_dict
 from lightning_eff.compression.pruning.structured import (
     ChannelGroup,
@@ -50,7 +52,7 @@ __all__ = [
     "apply_masks", "compact", "compact_training", "compute_masks", "drop_fraction", "erk_densities", "find_channel_groups", "get_parameter",
     "layer_sparsities", "load_sparse", "load_sparse_state_dict", "mask_gradients", "mask_sparsity", "nm_mask", "prune",
     "prune_channels", "regrow", "rigl_update", "save_sparse", "saliency_scores", "select_parameters", "set_update",
-    "sparse_state_dict", "stream_groups", "zero_optimizer_state",
+    "densify", "sparse_state_dict", "sparsity_latency", "stream_groups", "weight_zero_fraction", "zero_optimizer_state",
 ]
 
 

@@ -321,20 +321,19 @@ def sparse_artifact(quick: bool) -> dict[str, Any]:
     return row
 
 
-def table1(epochs: int, train_examples: int | None, test_examples: int | None, threads: int,
-           only: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Table 1 analog on Fashion-MNIST: ours vs ModelPruning at the same sparsity and budget (``only``: a subset of rows)."""
-    from lightning_eff.data import FashionMNISTDataModule
-    from lightning_eff.infra.report import evaluate_accuracy
-    from lightning_eff.tasks import ClassificationTask
+def table1_variants(only: list[str] | None = None) -> list[tuple[str, float, str, dict[str, Any]]]:
+    """The Table 1 rows to run, ``(name, sparsity, kind, options)``; all of them, or those named in ``only``.
 
-    rows: dict[str, Any] = {}
+    Besides the standard rows, ``ours_unstructured_<pct>[_<erk|uniform|global>][_endNN]`` runs our
+    unstructured pruning with another distribution and / or schedule end (NN% of training).
+
+    Raises:
+        ConfigError: an unknown row or row option, before anything trains.
+    """
     variants: list[tuple[str, float, str]] = [("dense", 0.0, "none")]
     for s in (0.5, 0.75, 0.9):
         variants += [(f"ours_unstructured_{int(s * 100)}", s, "ours"), (f"modelpruning_unstructured_{int(s * 100)}", s, "lightning")]
     variants += [("ours_channels_50", 0.5, "ours_channels"), ("modelpruning_ln_structured_50", 0.5, "lightning_structured")]
-    # on request (--table1-rows): our unstructured rows with another distribution / schedule end, e.g.
-    # ours_unstructured_75_erk, ours_unstructured_75_end50 (polynomial schedule ends at 50% of training)
     known = {v[0] for v in variants}
     for extra in only or []:
         parts = extra.split("_")
@@ -344,17 +343,31 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
     if unknown:
         raise ConfigError(f"--table1-rows: unknown rows {unknown}; rows are {[v[0] for v in variants]} "
                           "(plus ours_unstructured_<pct>_<erk|uniform|global|endNN>).")
+    chosen = []
     for name, sparsity, kind in variants:
         if only and name not in only:
             continue
-        options = {"distribution": "global", "end_fraction": 0.75}
-        for part in name.split("_")[3:]:
+        options: dict[str, Any] = {"distribution": "global", "end_fraction": 0.75}
+        for part in name.split("_")[3:] if kind == "ours" else []:
             if part in ("erk", "uniform", "global"):
                 options["distribution"] = part
-            elif part.startswith("end") and part[3:].isdigit():
+            elif part.startswith("end") and part[3:].isdigit() and 0 < int(part[3:]) <= 100:
                 options["end_fraction"] = int(part[3:]) / 100.0
             else:
-                raise ConfigError(f"--table1-rows {name!r}: unknown option {part!r}; use erk, uniform, global or endNN.")
+                raise ConfigError(f"--table1-rows {name!r}: unknown option {part!r}; use erk, uniform, global or endNN (NN in 1..100).")
+        chosen.append((name, sparsity, kind, options))
+    return chosen
+
+
+def table1(epochs: int, train_examples: int | None, test_examples: int | None, threads: int,
+           only: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Table 1 analog on Fashion-MNIST: ours vs ModelPruning at the same sparsity and budget (``only``: a subset of rows)."""
+    from lightning_eff.data import FashionMNISTDataModule
+    from lightning_eff.infra.report import evaluate_accuracy
+    from lightning_eff.tasks import ClassificationTask
+
+    rows: dict[str, Any] = {}
+    for name, sparsity, kind, options in table1_variants(only):  # every row checked before the first trains
         L.seed_everything(seed, verbose=False)
         dm = FashionMNISTDataModule(batch_size=128, resize=32, augment=False, limit_train=train_examples, limit_test=test_examples)
         task = ClassificationTask(dict(name="mobilenetv2", **SMALL), lr=0.1, weight_decay=5e-5, scheduler="onecycle")

@@ -1,0 +1,20 @@
+"""bench pruning's Table 1 row list: every row parses, options are checked before anything trains."""
+from __future__ import annotations
+
+import pytest
+
+from lightning_eff.errors import ConfigError
+
+
+def test_bench_table1_rows_checked_before_training():
+    """Every standard row parses (the ModelPruning structured row once did not), options go to ours only."""
+    from lightning_eff.bench.pruning import table1_variants
+
+    rows = {name: (sparsity, kind, options) for name, sparsity, kind, options in table1_variants()}
+    assert len(rows) == 9 and rows["modelpruning_ln_structured_50"][:2] == (0.5, "lightning_structured")
+    (name, sparsity, kind, options), = table1_variants(["ours_unstructured_75_erk_end50"])
+    assert (sparsity, kind, options) == (0.75, "ours", {"distribution": "erk", "end_fraction": 0.5})
+    with pytest.raises(ConfigError, match="unknown option 'bogus'"):
+        table1_variants(["dense", "ours_unstructured_75_bogus"])
+    with pytest.raises(ConfigError, match=r"unknown rows \['modelpruning_unstructured_60'\]"):
+        table1_variants(["modelpruning_unstructured_60"])

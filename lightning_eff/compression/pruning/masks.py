@@ -256,30 +256,21 @@ def compute_masks(
 
 
 @torch.no_grad()
-def _multiply(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    """``t *= mask`` for every pair: one multi-tensor kernel launch per (device, dtype) group where
-    the masks match their tensors' dtype (they do: masks are made in the parameter's dtype), else
-    one ``mul_`` each. Bit-identical either way (a product with 0 or 1 is exact)."""
-    if not tensors:
-        return
-    if all(m.dtype == t.dtype and m.device == t.device for t, m in zip(tensors, masks)):
-        torch._foreach_mul_(tensors, masks)
-    else:
-        for t, m in zip(tensors, masks):
-            t.mul_(m)
-
-
 def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Zero the pruned entries of each parameter in place (``p *= mask``)."""
-    pairs = [(p, m) for name, m in masks.items() if (p := params.get(name)) is not None]
-    _multiply([p for p, _ in pairs], [m for _, m in pairs])
+    for name, mask in masks.items():
+        p = params.get(name)
+        if p is not None:
+            p.mul_(mask)
 
 
 @torch.no_grad()
 def mask_gradients(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Zero the gradients of pruned entries, so momentum and Adam moments never move them."""
-    pairs = [(p.grad, m) for name, m in masks.items() if (p := params.get(name)) is not None and p.grad is not None]
-    _multiply([g for g, _ in pairs], [m for _, m in pairs])
+    for name, mask in masks.items():
+        p = params.get(name)
+        if p is not None and p.grad is not None:
+            p.grad.mul_(mask)
 
 
 def mask_sparsity(masks: Mapping[str, Tensor]) -> tuple[dict[str, float], float]:

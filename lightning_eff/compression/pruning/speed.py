@@ -107,13 +107,12 @@ def densify(model: nn.Module, fill: float = 1e-3) -> nn.Module:
                 set_weight(_shift_zero_points(weight), module.bias())
             continue
         for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor.is_floating_point() and tensor.dim() >= 2 and (name == "weight" or name.endswith("_orig")):
+            if not tensor.is_floating_point():
+                continue
+            if tensor.dim() >= 2 and (name.endswith("weight") or name.endswith("_orig")):  # incl. in_proj_weight
                 tensor.masked_fill_(tensor == 0, fill)
-            elif name.endswith("_mask") and tensor.is_floating_point():
+            elif name.endswith("_mask"):
                 tensor.fill_(1.0)  # torch.nn.utils.prune: weight = weight_orig * weight_mask
-    for name, param in dense.named_parameters():  # parametrized / bare weight matrices outside a conv/linear
-        if param.dim() >= 2 and param.is_floating_point() and name.endswith("weight"):
-            param.masked_fill_(param == 0, fill)
     return dense
 
 

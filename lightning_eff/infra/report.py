@@ -146,7 +146,7 @@ def _sparsity_verdict(name: str, model: Any, example: Any, repeats: int, min_zer
     answer = "bought latency" if probe["bought_latency"] else "bought NO latency"
     sentence = (f"{name} ({probe['backend']}): {100 * zeros:.0f}% zero weights {answer} — {probe['sparse_ms']:.3g} ms vs "
                 f"{probe['dense_ms']:.3g} ms for the same model with the zeros filled in (batch 1, {probe['speedup']:.2f}x)"
-                + ("" if probe["bought_latency"] else "; the kernels are dense: the gain is storage (see the sparse artifact)"))
+                + ("" if probe["bought_latency"] else "; the kernels are dense: the gain is storage only"))
     row = {"weight_zero_fraction": zeros, "sparsity_speedup": probe["speedup"], "sparsity_bought_latency": probe["bought_latency"]}
     return row, sentence
 

@@ -52,7 +52,7 @@ from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.compression.pruning import prune, prune_channels, sparse_state_dict
 from lightning_eff.compression.pruning.sparse_format import serialize_sparse
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import count_macs, count_parameters, gzip_size
+from lightning_eff.infra.footprint import count_macs, count_parameters, gzip_size, interleaved_times
 from lightning_eff.models import create_model
 from lightning_eff.schedules import polynomial_decay
 
@@ -215,7 +215,6 @@ def step_overhead_alternating(steps: int, batch: int = 64, frequency: int = 50, 
             "model_pruning_overhead": med["model_pruning"] / med["plain"], "overhead_vs_modelpruning": ours / med["model_pruning"]}
 
 
-@torch.inference_mode()
 def paired_latency(models: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
     """``{name: {"median": ms, "min": ms}}`` per call, calls interleaved (a, b, a, b, ...).
 
@@ -223,16 +222,7 @@ def paired_latency(models: dict[str, nn.Module], x: torch.Tensor, warmup: int, r
     *minimum* is the better estimate of a model's own cost (contention only ever adds time), so
     ratios use it; the medians are kept beside it.
     """
-    for model in models.values():
-        model.eval()
-        for _ in range(warmup):
-            model(x)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append((time.perf_counter() - start) * 1000.0)
+    times = interleaved_times(models, x, repeats=repeats, warmup=warmup)
     return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
 
 

@@ -52,7 +52,7 @@ from lightning_eff.validation import check_int
 __all__ = [
     "count_parameters", "count_nonzero_parameters", "serialize_state_dict", "state_dict_bytes", "gzip_size",
     "file_bytes", "count_macs", "call_with_inputs", "resize_batch", "batch_rows", "batch_len", "measure_latency", "measure_latencies",
-    "peak_memory_mb", "process_peak_rss_mb", "interleaved_min_ms", "measure_footprint", "format_table", "write_results",
+    "peak_memory_mb", "process_peak_rss_mb", "interleaved_min_ms", "interleaved_times", "measure_footprint", "format_table", "write_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,8 @@ def _first_tensor(inputs: Any) -> Tensor | None:
 @contextlib.contextmanager
 def _inference(model: Any) -> Iterator[None]:
     """eval() + no_grad, restoring every submodule's own mode afterwards (a frozen teacher stays eval)."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    # (a frozen TorchScript module has no ``training`` attribute left to switch)
+    modes = [(m, m.training) for m in model.modules() if hasattr(m, "training")] if isinstance(model, nn.Module) else []
     for module, _ in modes:
         module.training = False
     try:
@@ -367,26 +368,34 @@ def measure_latency(
     return float(statistics.median(times))
 
 
-def interleaved_min_ms(models: Mapping[str, Callable[..., Any]], example_inputs: Any, repeats: int = 15) -> dict[str, float]:
-    """Minimum milliseconds per call of each model, the calls interleaved (a, b, a, b, ...).
+def interleaved_times(models: Mapping[str, Callable[..., Any]], example_inputs: Any, repeats: int = 15,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds of every call of each model, the calls interleaved (a, b, a, b, ...).
 
     For *ratios* between variants on a shared CPU: a neighbour's burst hits every variant alike,
-    and contention only ever adds time, so the minimum estimates a model's own cost best. One
-    untimed warm-up call each; submodule modes are restored afterwards.
+    and contention only ever adds time, so the minimum estimates a model's own cost best (see
+    :func:`interleaved_min_ms`). ``warmup`` untimed calls each first; submodule modes are restored.
     """
     check_int("repeats", repeats, low=1)
-    best = {name: float("inf") for name in models}
+    check_int("warmup", warmup, low=0)
+    times: dict[str, list[float]] = {name: [] for name in models}
     with contextlib.ExitStack() as stack:
         for model in models.values():
             stack.enter_context(_inference(model))
         for model in models.values():
-            call_with_inputs(model, example_inputs)
+            for _ in range(warmup):
+                call_with_inputs(model, example_inputs)
         for _ in range(repeats):
             for name, model in models.items():
                 start = time.perf_counter()
                 call_with_inputs(model, example_inputs)
-                best[name] = min(best[name], (time.perf_counter() - start) * 1000.0)
-    return best
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def interleaved_min_ms(models: Mapping[str, Callable[..., Any]], example_inputs: Any, repeats: int = 15) -> dict[str, float]:
+    """Minimum milliseconds per call of each model over :func:`interleaved_times` (one warm-up call each)."""
+    return {name: min(ms) for name, ms in interleaved_times(models, example_inputs, repeats).items()}
 
 
 def measure_latencies(

@@ -46,12 +46,19 @@ def weight_zero_fraction(model: nn.Module) -> float:
     Biases and norm parameters are left out: pruning never targets them, and counting them would
     dilute the figure. Works for float, masked (``weight_orig * mask``) and converted int8 models.
     """
+    return _zeros_and_int8(model)[0]
+
+
+def _zeros_and_int8(model: nn.Module) -> tuple[float, bool]:
+    """(zero fraction of the weight matrices, whether any weight is stored quantized) in one pass."""
     total = zeros = 0
-    for _, effective in _weight_tensors(model):
+    int8 = False
+    for stored, effective in _weight_tensors(model):
+        int8 = int8 or stored.is_quantized
         if effective.dim() >= 2:
             total += effective.numel()
             zeros += int((effective == 0).sum())
-    return zeros / total if total else 0.0
+    return (zeros / total if total else 0.0), int8
 
 
 def _shift_zero_points(weight: Tensor) -> Tensor:
@@ -147,9 +154,9 @@ def sparsity_latency(
     with quantized_engine(engine):
         dense = densify(model)  # int8 weights are re-packed for the engine they run under
         ms = interleaved_min_ms({"sparse": model, "dense": dense}, inputs, repeats)
-    int8 = any(stored.is_quantized for stored, _ in _weight_tensors(model))
+    zero_fraction, int8 = _zeros_and_int8(model)
     return {
-        "zero_fraction": weight_zero_fraction(model),
+        "zero_fraction": zero_fraction,
         "sparse_ms": ms["sparse"],
         "dense_ms": ms["dense"],
         "speedup": ms["dense"] / ms["sparse"],

@@ -13,7 +13,11 @@ def test_bench_table1_rows_checked_before_training():
     rows = {name: (sparsity, kind, options) for name, sparsity, kind, options in table1_variants()}
     assert len(rows) == 9 and rows["modelpruning_ln_structured_50"][:2] == (0.5, "lightning_structured")
     (name, sparsity, kind, options), = table1_variants(["ours_unstructured_75_erk_end50"])
-    assert (sparsity, kind, options) == (0.75, "ours", {"distribution": "erk", "end_fraction": 0.5})
+    assert (sparsity, kind, options) == (0.75, "ours", {"distribution": "erk", "begin_fraction": 0.0, "end_fraction": 0.5, "updates": None})
+    (_, _, _, options), = table1_variants(["ours_unstructured_50_begin25_updates3"])
+    assert (options["begin_fraction"], options["end_fraction"], options["updates"]) == (0.25, 0.75, 3)
+    with pytest.raises(ConfigError, match="must come before end"):
+        table1_variants(["ours_unstructured_50_begin80"])
     with pytest.raises(ConfigError, match="unknown option 'bogus'"):
         table1_variants(["dense", "ours_unstructured_75_bogus"])
     with pytest.raises(ConfigError, match=r"unknown rows \['modelpruning_unstructured_60'\]"):

@@ -16,8 +16,11 @@ Measures, in one process with a fixed thread count:
     CPU latency at batch 1 and 32 relative to dense (calls interleaved; ratio of the minimum times,
     medians in the JSON), in eager mode, as the TorchScript ``.pt`` our ``Export`` writes, loaded
     back from disk (``structured50_exported_b*``), and as TorchScript at its fastest in-process
-    (traced, frozen: BN folded, ``optimize_for_inference``; ``structured50_deployed_b*``). The
-    expansion-only variant (streams kept whole) is measured beside it in eager mode;
+    (traced, frozen: BN folded, ``optimize_for_inference``; ``structured50_deployed_b*``), and as the
+    ExecuTorch ``.pte`` (XNNPACK delegate) our ``export_executorch`` writes, loaded back and run by the
+    ExecuTorch runtime — the maintained deployment path (``structured50_executorch_b*``; skipped when
+    the ``export`` extra is not installed). The expansion-only variant (streams kept whole) is measured
+    beside it in eager mode;
 (c) **sparse artifact**: bytes of the bitmask artifact of a 90%-sparse MobileNetV2 (width 1.0,
     global magnitude) relative to the dense ``torch.save`` state_dict; also int8 values, gzip, and
     the latency of the 90%-sparse model relative to dense (unstructured sparsity buys none on CPU).
@@ -28,7 +31,7 @@ sparsity and budget (``--epochs``, ``--train-examples``). Expensive: run it on a
 
 Final line: ``RESULT step_overhead=<r> overhead_vs_modelpruning=<r> structured50_latency_b1=<r>
 structured50_latency_b32=<r> structured50_exported_b1=<r> structured50_exported_b32=<r> structured50_deployed_b1=<r>
-structured50_deployed_b32=<r> sparse90_bytes=<r>``.
+structured50_deployed_b32=<r> sparse90_bytes=<r> [structured50_executorch_b1=<r> structured50_executorch_b32=<r>]``.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from lightning_eff.bench.common import bench_parser, set_threads, write_bench
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.compression.pruning import prune, prune_channels, sparse_state_dict
 from lightning_eff.compression.pruning.sparse_format import serialize_sparse
-from lightning_eff.errors import ConfigError
+from lightning_eff.errors import ConfigError, ExportUnavailableError
 from lightning_eff.infra.footprint import count_macs, count_parameters, gzip_size, interleaved_times
 from lightning_eff.models import create_model
 from lightning_eff.schedules import polynomial_decay
@@ -248,6 +251,18 @@ def exported(model: nn.Module, x: torch.Tensor, folder: str) -> torch.jit.Script
         return torch.jit.load(path)
 
 
+def executorch_program(model: nn.Module, x: torch.Tensor, folder: str) -> Any:
+    """The maintained deployment path: our ``export_executorch`` (XNNPACK delegate) ``.pte``, loaded back
+    and run by the ExecuTorch runtime (static shapes: one program per batch size)."""
+    from lightning_eff.infra.export import export_executorch, load_artifact
+
+    path = os.path.join(folder, f"{id(model)}_{x.shape[0]}.pte")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_executorch(model.eval(), x, path)
+    return load_artifact(path)
+
+
 def structured_latency(quick: bool) -> dict[str, Any]:
     """(b): dense vs 50%-channel MobileNetV2 at 224×224 (plus the 32×32 training configuration)."""
     out: dict[str, Any] = {}
@@ -282,6 +297,15 @@ def structured_latency(quick: bool) -> dict[str, Any]:
                                     warmup=3 if b == 32 else 10, repeats=reps)
             row[f"exported_dense_ms_b{b}"], row[f"exported_pruned_ms_b{b}"] = ex["dense"], ex["pruned"]
             row[f"exported_ratio_b{b}"] = ex["pruned"]["min"] / ex["dense"]["min"]
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    et = paired_latency({"dense": executorch_program(dense, x, folder), "pruned": executorch_program(small, x, folder)},
+                                        x, warmup=2 if b == 32 else 5, repeats=reps)
+            except ExportUnavailableError as err:  # executorch is the optional `export` extra
+                row["executorch_unavailable"] = str(err)
+                continue
+            row[f"executorch_dense_ms_b{b}"], row[f"executorch_pruned_ms_b{b}"] = et["dense"], et["pruned"]
+            row[f"executorch_ratio_b{b}"] = et["pruned"]["min"] / et["dense"]["min"]
         out[label] = row
     return out
 
@@ -314,8 +338,9 @@ def sparse_artifact(quick: bool) -> dict[str, Any]:
 def table1_variants(only: list[str] | None = None) -> list[tuple[str, float, str, dict[str, Any]]]:
     """The Table 1 rows to run, ``(name, sparsity, kind, options)``; all of them, or those named in ``only``.
 
-    Besides the standard rows, ``ours_unstructured_<pct>[_<erk|uniform|global>][_endNN]`` runs our
-    unstructured pruning with another distribution and / or schedule end (NN% of training).
+    Besides the standard rows, ``ours_unstructured_<pct>[_<erk|uniform|global>][_beginNN][_endNN][_updatesK]`` runs
+    our unstructured pruning with another distribution, schedule begin / end (NN% of training) and / or
+    number of mask updates K.
 
     Raises:
         ConfigError: an unknown row or row option, before anything trains.
@@ -332,19 +357,26 @@ def table1_variants(only: list[str] | None = None) -> list[tuple[str, float, str
     unknown = sorted(set(only or []) - {v[0] for v in variants})
     if unknown:
         raise ConfigError(f"--table1-rows: unknown rows {unknown}; rows are {[v[0] for v in variants]} "
-                          "(plus ours_unstructured_<pct>_<erk|uniform|global|endNN>).")
+                          "(plus ours_unstructured_<pct>_<erk|uniform|global|beginNN|endNN|updatesK>).")
     chosen = []
     for name, sparsity, kind in variants:
         if only and name not in only:
             continue
-        options: dict[str, Any] = {"distribution": "global", "end_fraction": 0.75}
+        options: dict[str, Any] = {"distribution": "global", "begin_fraction": 0.0, "end_fraction": 0.75, "updates": None}
         for part in name.split("_")[3:] if kind == "ours" else []:
             if part in ("erk", "uniform", "global"):
                 options["distribution"] = part
             elif part.startswith("end") and part[3:].isdigit() and 0 < int(part[3:]) <= 100:
                 options["end_fraction"] = int(part[3:]) / 100.0
+            elif part.startswith("begin") and part[5:].isdigit() and 0 <= int(part[5:]) < 100:
+                options["begin_fraction"] = int(part[5:]) / 100.0
+            elif part.startswith("updates") and part[7:].isdigit() and int(part[7:]) > 0:
+                options["updates"] = int(part[7:])
             else:
-                raise ConfigError(f"--table1-rows {name!r}: unknown option {part!r}; use erk, uniform, global or endNN (NN in 1..100).")
+                raise ConfigError(f"--table1-rows {name!r}: unknown option {part!r}; use erk, uniform, global, "
+                                  "beginNN (NN in 0..99), endNN (NN in 1..100) or updatesK (K ≥ 1).")
+        if options["begin_fraction"] >= options["end_fraction"]:
+            raise ConfigError(f"--table1-rows {name!r}: begin {options['begin_fraction']} must come before end {options['end_fraction']}.")
         chosen.append((name, sparsity, kind, options))
     return chosen
 
@@ -365,7 +397,10 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
         steps = epochs * len(dm.train_dataloader())
         cbs: list = []
         if kind == "ours":
-            cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=options["end_fraction"], frequency=max(1, steps // 40),
+            # default: a mask update every steps // 40 (the figures in the README); updatesK spreads K over the schedule
+            span = (options["end_fraction"] - options["begin_fraction"]) * steps / options["updates"] if options["updates"] else steps / 40
+            cbs = [Pruning(amount=sparsity, schedule="polynomial", begin_fraction=options["begin_fraction"] or None,
+                           end_fraction=options["end_fraction"], frequency=max(1, int(span)),
                            distribution=options["distribution"], exclude=["conv_stem"], export_sparse=None, log_sparsity=False)]
         elif kind == "ours_channels":
             cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),
@@ -440,6 +475,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "structured50_deployed_b32": big["deployed_ratio_b32"],
         "sparse90_bytes": artifact["ratio_fp32"],
     }
+    if "executorch_ratio_b1" in big:  # the `export` extra installed
+        result.update(structured50_executorch_b1=big["executorch_ratio_b1"], structured50_executorch_b32=big["executorch_ratio_b32"])
     write_bench("pruning", payload, result, args.out)
     return result
 

@@ -22,3 +22,23 @@ def test_bench_table1_rows_checked_before_training():
         table1_variants(["dense", "ours_unstructured_75_bogus"])
     with pytest.raises(ConfigError, match=r"unknown rows \['modelpruning_unstructured_60'\]"):
         table1_variants(["modelpruning_unstructured_60"])
+
+
+def test_bench_executorch_program_runs_the_pruned_network(tmp_path):
+    """(b)'s ExecuTorch figure times a faithful program: the channel-pruned network, lowered, gives its outputs."""
+    pytest.importorskip("executorch")
+    import torch
+
+    from lightning_eff.bench.pruning import executorch_program
+    from lightning_eff.compression.pruning import prune_channels
+    from lightning_eff.models import create_model
+
+    torch.manual_seed(0)
+    dense = create_model("mobilenetv2", width=0.35, num_classes=10, in_chans=1, small_input_stages=1).eval()
+    small = prune_channels(dense, 0.5).eval()
+    x = torch.randn(2, 1, 32, 32)
+    program = executorch_program(small, x, str(tmp_path))
+    out = program(x)
+    with torch.no_grad():
+        assert torch.allclose(out, small(x), atol=1e-4)
+    assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in dense.parameters())

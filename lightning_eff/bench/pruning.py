@@ -398,9 +398,9 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
         cbs: list = []
         if kind == "ours":
             # default: a mask update every steps // 40 (the figures in the README); updatesK spreads K over the schedule
-            span = (options["end_fraction"] - options["begin_fraction"]) * steps / options["updates"] if options["updates"] else steps / 40
+            every = (options["end_fraction"] - options["begin_fraction"]) * steps / options["updates"] if options["updates"] else steps / 40
             cbs = [Pruning(amount=sparsity, schedule="polynomial", begin_fraction=options["begin_fraction"] or None,
-                           end_fraction=options["end_fraction"], frequency=max(1, int(span)),
+                           end_fraction=options["end_fraction"], frequency=max(1, int(every)),
                            distribution=options["distribution"], exclude=["conv_stem"], export_sparse=None, log_sparsity=False)]
         elif kind == "ours_channels":
             cbs = [Pruning(amount=sparsity, schedule="polynomial", end_fraction=0.75, frequency=max(1, steps // 40),

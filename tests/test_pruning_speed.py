@@ -155,4 +155,3 @@ def test_report_states_per_variant_whether_sparsity_bought_latency():
     assert off["sparsity"] == [] and "sparsity_speedup" not in off["rows"]["pruned"]
     with pytest.raises(ConfigError, match="report.sparsity_probe_min=2"):
         build_report(task, dm, [], {"sparsity_probe_min": 2})
-

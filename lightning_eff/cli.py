@@ -11,7 +11,7 @@ trained model with its own callbacks.
 Example:
     >>> from lightning_eff.cli import compose, run
     >>> cfg = compose("mobilenet_baseline", ["++trainer.fast_dev_run=true"])
-    >>> metrics = run(cfg)
+    >>> metrics = run(cfg)  # a whole recipe on the real data (tests/test_cli.py runs it)  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ TEACHER_KEYS = {"model", "checkpoint", "max_epochs", "lr", "optimizer", "schedul
                 "weight_decay", "limit_train_batches"}
 FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "scheduler", "warmup_fraction"}
 REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches", "sparsity_probe", "sparsity_probe_min"}
-ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "error"]
+ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "sqnr_db", "verified", "error"]
 # Trainer arguments the CLI owns (it builds them from other config groups).
 _TRAINER_RESERVED = {"self", "callbacks", "logger", "plugins"}
 
@@ -343,14 +343,15 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
     report = build_report(task, datamodule, [cb for _, _, cbs in stages for cb in cbs], c.get("report") or {},
                           fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
     result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"],
-              "sparsity_latency": report["sparsity"], "run_dir": str(run_dir)}
+              "sparsity_latency": report["sparsity"], "int8_speed": report["int8_speed"], "cpu": report["cpu"],
+              "run_dir": str(run_dir)}
     if final_trainer.is_global_zero:
         write_results(run_dir / "results.json", {"config": c, **result})
         if c.get("print_report", True):
             print(format_table(report["rows"]))
             if report["artifacts"]:
                 print(format_table({f"{a['variant']}.{a['format']}": a for a in report["artifacts"]}, columns=ARTIFACT_COLUMNS))
-            for sentence in report["sparsity"]:  # per sparse variant / backend: did the zeros buy latency?
+            for sentence in report["sparsity"] + report["int8_speed"]:  # did the zeros / int8 buy latency on this CPU?
                 print(sentence)
             print(f"results: {run_dir / 'results.json'}")
     return result

@@ -6,12 +6,12 @@ valid, so a user sees ``amount=1.5`` rejected as ``amount`` rather than a stack 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning_eff.errors import ConfigError, did_you_mean
 
-__all__ = ["check_choice", "check_number", "check_int", "check_bool"]
+__all__ = ["check_choice", "check_number", "check_int", "check_bool", "as_list"]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -61,6 +61,35 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} must be true or false ({type(value).__name__} given).")
     return value
+
+
+def as_list(name: str, value: Any, *, item: type | tuple[type, ...] | None = None, allow_none: bool = False,
+            allow_empty: bool = True) -> list | None:
+    """A list-valued option as a ``list``: a single string (or number) is **one item**, never its characters.
+
+    ``formats="pt"`` means ``["pt"]``; tuples and Hydra's ``ListConfig`` become lists. A mapping or
+    any other non-sequence is a :class:`ConfigError` saying a list is expected; with ``item`` each
+    element's type is checked too (bools are not ints).
+    """
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(f"{name}=None: a list is expected (e.g. {name}=[...]).")
+    scalar_types = (str, bytes, numbers.Number)
+    if isinstance(value, scalar_types):
+        items = [value]
+    elif isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise ConfigError(f"{name}={value!r} must be a list ({type(value).__name__} given), e.g. {name}=[...].")
+    else:
+        items = list(value)
+    if not items and not allow_empty:
+        raise ConfigError(f"{name}=[] must name at least one item.")
+    if item is not None:
+        for v in items:
+            if isinstance(v, bool) and bool not in (item if isinstance(item, tuple) else (item,)) or not isinstance(v, item):
+                want = item.__name__ if isinstance(item, type) else "/".join(t.__name__ for t in item)
+                raise ConfigError(f"{name}: item {v!r} must be a {want} ({type(v).__name__} given).")
+    return items
 
 
 def _range(low, high, low_inc, high_inc) -> str:

@@ -251,8 +251,11 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="blocks.99.*not found"):
         _trainer(tmp_path, [Distillation(teacher=_teacher(), layers={"0": "blocks.99"}, module_attr="net")],
                  max_steps=1).fit(UserModule(), datamodule=Data())
-    with pytest.raises(ConfigError, match="was not called"):
+    with pytest.raises(ConfigError, match=r"module_attr='missing'.*does not exist"):  # refused at setup now
         _trainer(tmp_path, [Distillation(teacher=_teacher(), module_attr="missing")], max_steps=1).fit(
+            _Indirect(), datamodule=Data())
+    with pytest.raises(ConfigError, match="was not called"):
+        _trainer(tmp_path, [Distillation(teacher=_teacher(), module_attr="net")], max_steps=1).fit(
             _Indirect(), datamodule=Data())
 
 

@@ -344,7 +344,8 @@ def test_monitor_fit_then_test_writes_results(tmp_path):
     assert checkpoint.best_model_path  # the monitored footprint metric was usable
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data) >= {"footprint", "metrics"}
-    assert set(data["footprint"]) == KEYS - {"latency_ms_b32"} | {"latency_ms_b4"}
+    assert set(data["footprint"]) == KEYS - {"latency_ms_b32"} | {"latency_ms_b4", "model"}
+    assert data["footprint"]["model"] == "float network (eager PyTorch)"
     assert data["footprint"]["params"] == 58 and data["footprint"]["macs"] == 4 * 8 + 8 * 2
     assert "val/acc" in data["metrics"] and data["stage"] == "fit"
 

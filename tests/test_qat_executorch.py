@@ -87,16 +87,27 @@ def test_fx_qat_weights_reach_executorch_via_pt2e_calibration(tmp_path):
     assert pte["top1_agreement"] >= 0.99  # against the float network its weights came from
     assert pte["bytes"] < 0.6 * sum(p.numel() * 4 for p in conv_net().parameters())
 
-    # The stripped float network is exactly the QAT model with fake quantization switched off.
+    # The stripped float network is exactly the QAT model with fake quantization's rounding switched off: each
+    # activation fake-quant still clamps to its range, (qmin - zp) * scale .. (qmax - zp) * scale (hand-written here).
     prepared = qat.prepared_model.eval()
     x, y = dm.held_out()
     stripped = float_from_fx_qat(prepared)
     assert not any(hasattr(m, "weight_fake_quant") or hasattr(m, "enable_fake_quant") for m in stripped.modules())
+
+    def clamp_hook(module, args, out):
+        obs = module.activation_post_process
+        s, z = float(module.scale), int(module.zero_point)
+        return out.clamp((obs.quant_min - z) * s, (obs.quant_max - z) * s)
+
+    acts = [m for n, m in prepared.named_modules() if hasattr(m, "enable_fake_quant") and "weight_fake_quant" not in n]
+    handles = [m.register_forward_hook(clamp_hook) for m in acts]
     with torch.no_grad():
         set_fake_quant(prepared, False)
         reference = prepared(x)
         set_fake_quant(prepared, True)
         torch.testing.assert_close(stripped(x), reference, rtol=1e-4, atol=1e-4)
+    for h in handles:
+        h.remove()
     assert any(hasattr(m, "enable_fake_quant") for m in prepared.modules())  # the trained model is untouched
 
     # The .pte (QAT weights, pt2e-calibrated) predicts what the FX int8 model of the same QAT run predicts.

@@ -140,7 +140,7 @@ def test_qat_bad_inputs(kwargs, match):
 
 def test_qat_module_attr_must_exist(tmp_path):
     trainer = _trainer(tmp_path, [QuantizationAwareTraining(module_attr="backbone")])
-    with pytest.raises(ConfigError, match=r"module_attr='backbone'.*children"):
+    with pytest.raises(ConfigError, match=r"module_attr='backbone'.*attributes holding modules"):
         trainer.fit(_task(), datamodule=TinyData())
 
 

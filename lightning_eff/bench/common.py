@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lightning_eff.infra.footprint import write_results
+from lightning_eff.infra.footprint import cpu_flags, write_results
 
 __all__ = ["bench_parser", "set_threads", "environment", "format_result_line", "write_bench"]
 
@@ -65,6 +65,8 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "quantized_engines": list(torch.backends.quantized.supported_engines),
+        "cpu": cpu_flags(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -13,7 +13,12 @@ interleaved rounds (neighbour processes slow down every variant alike):
 * ExecuTorch (XNNPACK): pt2e int8 ``.pte`` vs fp32 ``.pte``;
 * QAT training-step overhead (QAT step time / fp32 step time);
 * the same generic path on timm ``mobilenetv3_large_100``, ``efficientnet_b0``, ``resnet18``
-  (convert, export, verify on perturbed inputs; latency / bytes ratios).
+  (convert, export, verify on perturbed inputs; latency / bytes ratios);
+* int8 vs fp32 where it was reported slower (``WORST_CASE_ARCHS``: the 32x32 MobileNetV2 0.5 of
+  ``make train``, timm ``mobilenetv3_small_100``) at batch 1 and 32, for the x86 engine (FBGEMM,
+  oneDNN on VNNI CPUs), FBGEMM forced, QNNPACK and ExecuTorch int8. ``worst_int8_vs_fp32`` is the
+  slowest x86-CPU int8 form (x86, fbgemm, ExecuTorch) relative to fp32 eager over every architecture
+  and batch size (target < 1); the JSON names the fastest int8 form per architecture and batch.
 
 Models are randomly initialised (no downloads); QAT runs a few steps on random data, enough
 for observers and BN statistics, not for accuracy. Latency and size do not depend on weights.
@@ -45,7 +50,7 @@ from lightning_eff.compression.quantization.fx import (
     quantized_engine,
 )
 from lightning_eff.infra.export import export_torchscript, load_artifact, perturbed_inputs, verify_artifact
-from lightning_eff.infra.footprint import file_bytes, measure_latency
+from lightning_eff.infra.footprint import cpu_capability, file_bytes, measure_latency
 
 __all__ = ["main"]
 
@@ -165,12 +170,68 @@ def _generic(arch: str, size: int, steps: int, batch: int, folder: Path, rounds:
     }
 
 
+#: Where int8 was reported slower than fp32 (issue 14): the 32x32 grey MobileNetV2 0.5 of ``make train`` and
+#: timm's mobilenetv3_small_100 (hard-swish, squeeze-excite) at 224. Timed at every batch size.
+WORST_CASE_ARCHS = {
+    "mobilenetv2_050_32px": dict(name="mobilenetv2", width=0.5, small_input_stages=1, num_classes=10, in_chans=1, size=32),
+    "mobilenetv3_small_100": dict(timm="mobilenetv3_small_100", size=224),
+}
+#: int8 forms for x86 CPUs: the x86 engine (FBGEMM, or oneDNN on VNNI CPUs), FBGEMM forced, ExecuTorch XNNPACK.
+#: QNNPACK (an ARM backend, slower than fp32 on x86 for torchvision's model too) is timed but not in the worst case.
+X86_INT8_FORMS = ("x86", "fbgemm", "executorch")
+
+
+def _worst_case_model(spec: dict[str, Any]) -> tuple[nn.Module, int, int]:
+    spec = dict(spec)
+    size = spec.pop("size")
+    torch.manual_seed(0)
+    if "timm" in spec:
+        return _timm(spec["timm"]).eval(), 3, size
+    from lightning_eff.models import create_model
+
+    return create_model(**spec).eval(), spec["in_chans"], size
+
+
+def _int8_vs_fp32(arch: str, spec: dict[str, Any], batches: tuple[int, ...], folder: Path, rounds: int, repeats: int,
+                  threads: int, executorch: bool) -> dict[str, Any]:
+    """Every int8 form of one architecture against its fp32 eager model, at every batch size, interleaved."""
+    model, chans, size = _worst_case_model(spec)
+    x1 = torch.randn(1, chans, size, size, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(4, chans, size, size, generator=gen) for _ in range(4)]
+    forms: dict[str, tuple[Callable, str | None]] = {}
+    for engine in ("x86", "fbgemm", "qnnpack"):
+        from lightning_eff.compression.quantization.fx import calibrate, prepare_ptq_fx_model
+
+        prepared = prepare_ptq_fx_model(model, (x1,), engine=engine)
+        calibrate(prepared, calib)
+        int8 = convert_fx_model(prepared, engine=engine)
+        path = export_torchscript(int8, (x1,), folder / f"{arch}_{engine}.pt", method="script")
+        forms[engine] = (load_artifact(path), engine)
+    out: dict[str, Any] = {"input": [chans, size, size], "ratios": {}, "ms": {}}
+    for batch in batches:
+        x = x1.repeat(batch, 1, 1, 1)
+        variants = {"fp32_eager": (model, None), **forms}
+        if executorch:
+            from lightning_eff.infra.export import export_executorch
+
+            pte = export_executorch(model, (x,), folder / f"{arch}_b{batch}_int8.pte", int8=True, calibration=[c[:1].repeat(batch, 1, 1, 1) for c in calib])
+            variants["executorch"] = (load_artifact(pte), None)
+        lat = _interleaved(variants, x, rounds, repeats, threads)
+        out["ms"][f"b{batch}"] = lat
+        out["ratios"][f"b{batch}"] = {k: round(v / lat["fp32_eager"], 3) for k, v in lat.items() if k != "fp32_eager"}
+        best = min((k for k in lat if k != "fp32_eager"), key=lat.get)
+        out.setdefault("fastest_int8", {})[f"b{batch}"] = best
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; return the ``RESULT`` dict (also written to ``bench_results/quantization.json``)."""
     parser = bench_parser("quantization", __doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224, help="input resolution for the MobileNetV2 comparison")
     parser.add_argument("--skip-executorch", action="store_true", help="skip the ExecuTorch .pte comparison")
     parser.add_argument("--skip-archs", action="store_true", help="skip the other timm architectures")
+    parser.add_argument("--skip-worst-case", action="store_true", help="skip the int8-vs-fp32 worst-case architectures")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -244,7 +305,15 @@ def main(argv: list[str] | None = None) -> dict:
             details["other_archs"] = {
                 arch: _generic(arch, size, qat_steps, qat_batch, folder, rounds, repeats, threads) for arch in OTHER_ARCHS
             }
-    lap("other_archs")
+        lap("other_archs")
+        # ---- where int8 was reported slower than fp32: every x86 int8 form, every batch size
+        if not args.skip_worst_case:
+            wc_batches = (1, 8) if quick else (1, 32)
+            details["int8_vs_fp32"] = {
+                arch: _int8_vs_fp32(arch, spec, wc_batches, folder, rounds, repeats, threads, not args.skip_executorch)
+                for arch, spec in WORST_CASE_ARCHS.items()
+            }
+            lap("int8_vs_fp32")
     details["wall_s"] = timings
     details["load_average_after"] = list(os.getloadavg())
     result = {
@@ -256,6 +325,15 @@ def main(argv: list[str] | None = None) -> dict:
         "executorch_int8_vs_fp32": details.get("executorch", {}).get("int8_vs_fp32"),
         "qat_step_overhead": qat_step / fp32_step,
     }
+    # The slowest x86 int8 form relative to fp32 over every architecture and batch size measured (target < 1).
+    pairs = [("mobilenetv2_100", "b1", "x86", result["x86_latency_vs_fp32"])]
+    for arch, entry in details.get("int8_vs_fp32", {}).items():
+        for batch, ratios in entry["ratios"].items():
+            pairs += [(arch, batch, form, r) for form, r in ratios.items() if form in X86_INT8_FORMS]
+    worst = max(pairs, key=lambda p: p[3])
+    result["worst_int8_vs_fp32"] = worst[3]
+    details["worst_int8_vs_fp32"] = {"arch": worst[0], "batch": worst[1], "form": worst[2], "ratio": worst[3]}
+    result["cpu"] = cpu_capability()
     details["targets_met"] = {k: (result[k] is not None and result[k] <= t) for k, t in TARGETS.items()}
     write_bench("quantization", details, result, out_dir=args.out)
     return result

@@ -11,23 +11,59 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.data.indexed import IndexedBatch
-from lightning_eff.errors import ConfigError
+from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.infra.footprint import call_with_inputs, resize_batch
 
-__all__ = ["target_module", "set_target_module", "get_submodule", "check_submodule", "set_submodule", "submodule_inputs",
+__all__ = ["DEFAULT_MODULE_ATTR", "module_attributes", "check_module_attr", "target_module", "set_target_module", "get_submodule", "check_submodule", "set_submodule", "submodule_inputs",
            "example_inputs",
            "model_inputs", "to_cpu", "cpu_copy"]
 
 log = logging.getLogger(__name__)
 
 
-def target_module(pl_module: nn.Module, attr: str | None = "model") -> nn.Module:
-    """The network a technique operates on: ``pl_module.<attr>`` when it exists, else the module itself."""
-    if attr:
-        model = getattr(pl_module, attr, None)
-        if isinstance(model, nn.Module):
-            return model
-    return pl_module
+DEFAULT_MODULE_ATTR = "model"
+
+
+def module_attributes(pl_module: nn.Module) -> list[str]:
+    """Names of the attributes of ``pl_module`` that hold an ``nn.Module`` (its direct children)."""
+    return [n for n, _ in pl_module.named_children()]
+
+
+def check_module_attr(module_attr: Any, option: str = "module_attr") -> str | None:
+    """A (dotted) attribute name or ``None`` (the LightningModule itself); anything else is a ConfigError."""
+    if module_attr is not None and (not isinstance(module_attr, str) or not module_attr):
+        raise ConfigError(f"{option}={module_attr!r} must name the attribute holding the network (e.g. 'model'), "
+                          "or be null for the LightningModule itself.")
+    return module_attr
+
+
+def target_module(pl_module: nn.Module, attr: str | None = DEFAULT_MODULE_ATTR, who: str | None = None) -> nn.Module:
+    """The network a technique operates on: ``pl_module.<attr>`` (dotted paths allowed).
+
+    ``attr=None`` is the LightningModule itself. The default ``"model"`` falls back to the
+    LightningModule when it has no such attribute (a module that *is* its network). Any other name
+    that does not hold an ``nn.Module`` is a :class:`ConfigError` naming the attributes that do,
+    with a did-you-mean — a typo such as ``module_attr="nett"`` must never silently select the
+    whole LightningModule (or nothing).
+    """
+    if not attr:
+        return pl_module
+    try:
+        model = pl_module.get_submodule(attr)
+    except AttributeError:
+        model = getattr(pl_module, attr, None) if "." not in attr else None
+    if isinstance(model, nn.Module):
+        return model
+    if attr == DEFAULT_MODULE_ATTR and model is None:
+        return pl_module
+    names = module_attributes(pl_module)
+    what = "is not an nn.Module" if model is not None else "does not exist"
+    prefix = f"{who}: " if who else ""
+    raise ConfigError(
+        f"{prefix}module_attr={attr!r}: {type(pl_module).__name__}.{attr} {what}; the attributes holding modules are "
+        f"{names}.{did_you_mean(attr, names)} Set module_attr to the attribute your training_step calls "
+        "(or null for the LightningModule itself)."
+    )
 
 
 def set_target_module(pl_module: nn.Module, attr: str | None, model: nn.Module, option: str = "module_attr") -> None:

@@ -1,6 +1,7 @@
 """``Distillation``: knowledge distillation into any LightningModule, without changing its code.
 
-How it attaches (all in ``setup()``, undone in ``teardown()``):
+How it attaches (in ``setup()``; the student hooks are bound again at fit start and whenever the
+network object is replaced, so it works before or after QAT in the callback list; undone in ``teardown()``):
 
 - a forward hook on the student network (``pl_module.<module_attr>``, else the module itself)
   records the inputs and logits of its first call in each training step;
@@ -22,8 +23,13 @@ switched to index-carrying batches automatically; for other data wrap the datase
 :class:`~lightning_eff.data.indexed.IndexedDataset`. Exact only without random augmentation.
 
 Example:
-    >>> cb = Distillation(teacher=my_trained_model, temperature=4.0, kd_weight=0.7, task_weight=0.3)
-    >>> Trainer(callbacks=[cb]).fit(task, datamodule=dm)            # doctest: +SKIP
+    >>> from lightning_eff.models import create_model
+    >>> teacher = create_model("mobilenetv2_tiny", num_classes=10, in_chans=1)  # your trained model, a .ckpt path, ...
+    >>> cb = Distillation(teacher=teacher, temperature=4.0, kd_weight=0.7, task_weight=0.3)
+    >>> trainer = L.Trainer(callbacks=[cb])
+    >>> trainer.fit(task, datamodule=dm)
+    >>> sorted(k for k in trainer.callback_metrics if k.startswith("distill/"))[:2]
+    ['distill/agreement', 'distill/agreement_epoch']
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from lightning_eff.callbacks.common import target_module
+from lightning_eff.callbacks.base import EffCallback
+from lightning_eff.callbacks.common import module_attributes
 from lightning_eff.callbacks.distillation_utils import (
     dataset_labels, ensure_in_optimizer, module_feature, sequential_indexed_loader,
 )
@@ -90,7 +97,7 @@ class _Capture:
             self.args, self.kwargs, self.output = args, kwargs, output
 
 
-class Distillation(L.Callback):
+class Distillation(EffCallback):
     """Distil a frozen teacher into the LightningModule being trained.
 
     Args:
@@ -146,7 +153,7 @@ class Distillation(L.Callback):
         report_teacher: bool = True,
         pseudo_labels: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(module_attr)
         self.temperature = ScheduledValue("temperature", temperature, check_temperature)
         self.kd_weight = ScheduledValue("kd_weight", kd_weight, check_weight)
         self.task_weight = ScheduledValue("task_weight", task_weight, check_weight)
@@ -158,7 +165,7 @@ class Distillation(L.Callback):
         if cache is not None and self.pairs:
             raise ConfigError("layers (intermediate distillation) need the teacher online; they cannot use cache=.")
         self.teacher_spec, self.cache_path = teacher, cache
-        self.module_attr, self.teacher_class = module_attr, teacher_class
+        self.teacher_class = teacher_class
         self.output_fn = output_fn or default_output_fn
         self.teacher_inputs = teacher_inputs
         self.save_teacher = check_bool("save_teacher", save_teacher)
@@ -174,6 +181,8 @@ class Distillation(L.Callback):
         self._capture = _Capture()
         self._features: dict[str, dict[str, Any]] = {"student": {}, "teacher": {}}
         self._handles: list = []
+        self._student_handles: list = []
+        self._student: nn.Module | None = None
         self._patched: L.LightningModule | None = None
         self._total_steps: float | None = None
         self._warned_calls = False
@@ -194,19 +203,20 @@ class Distillation(L.Callback):
 
     # ------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit" or self._patched is not None:
             return
         if not pl_module.automatic_optimization:
             raise ConfigError("Distillation wraps the loss returned by training_step; manual optimisation is not supported.")
-        student = target_module(pl_module, self.module_attr)
+        student = self.network(pl_module)
         if self.teacher is None and self.teacher_spec is not None:
             self.teacher = load_teacher(self.teacher_spec, getattr(pl_module, "num_classes", None), self.teacher_class)
         if self.teacher is not None:
             check_not_student(self.teacher, pl_module)
             freeze_teacher(self.teacher)
-        self._handles.append(student.register_forward_hook(self._capture.hook, with_kwargs=True))
+        self._bind_student(student)
         if self.pairs:
-            self._hook_layers(student, self.teacher)
+            self._hook_layers("teacher", self.teacher, self._handles)
             self._build_projections(trainer, pl_module, student)
         if self.pseudo_labels is not None and not self.pseudo_label_stats:
             self._add_pseudo_labels(trainer, pl_module)
@@ -230,23 +240,47 @@ class Distillation(L.Callback):
         log.info("Distillation: teacher pseudo-labelled %d of %d pool examples (confidence >= %.2f); %d training examples.",
                  keep.numel(), len(pool), self.pseudo_labels, total)
 
-    def _hook_layers(self, student: nn.Module, teacher: nn.Module) -> None:
-        for side, net in (("student", student), ("teacher", teacher)):
-            names = dict(net.named_modules())
-            for pair in self.pairs:
-                name = pair[side]
-                if name not in names:
-                    raise ConfigError(
-                        f"layers: {side} module {name!r} not found.{did_you_mean(name, names)} "
-                        f"({side} modules include {[n for n in names if n][:8]}...)"
-                    )
-                store = self._features[side]
-                attention = pair["loss"] == "attention_kl"
+    def _bind_student(self, student: nn.Module, replaced: bool = False) -> None:
+        """(Re)attach the student-side hooks to the network as it is *now*.
 
-                def hook(module, args, output, store=store, name=name, attention=attention):
-                    store[name] = module_feature(output, attention, name)
+        Another callback may replace the network after this one's ``setup`` (QAT swaps in its
+        fake-quant graph; callbacks run in list order), so the hooks are bound again at fit start
+        and whenever the student object changes: every callback order works.
+        """
+        for h in self._student_handles:
+            h.remove()
+        self._student_handles = [student.register_forward_hook(self._capture.hook, with_kwargs=True)]
+        if self.pairs:
+            self._hook_layers("student", student, self._student_handles, replaced)
+        self._student = student
 
-                self._handles.append(names[name].register_forward_hook(hook))
+    def _hook_layers(self, side: str, net: nn.Module, handles: list, replaced: bool = False) -> None:
+        names = dict(net.named_modules())
+        for pair in self.pairs:
+            name = pair[side]
+            if name not in names:
+                why = (f" The student network is now a {type(net).__name__} (another callback, e.g. QAT, rewrote it; "
+                       "fused layers such as BatchNorm no longer exist): map modules that survive the rewrite.") if replaced else ""
+                raise ConfigError(
+                    f"layers: {side} module {name!r} not found.{did_you_mean(name, names)} "
+                    f"({side} modules include {[n for n in names if n][:8]}...){why}"
+                )
+            store = self._features[side]
+            attention = pair["loss"] == "attention_kl"
+
+            def hook(module, args, output, store=store, name=name, attention=attention):
+                store[name] = module_feature(output, attention, name)
+
+            handles.append(names[name].register_forward_hook(hook))
+
+    def _current_student(self, pl_module: L.LightningModule) -> nn.Module:
+        """The student network, hooks re-bound first if it was replaced since they were attached."""
+        student = self.network(pl_module)
+        if student is not self._student:
+            log.info("Distillation: the student network was replaced (%s -> %s); hooks re-bound.",
+                     type(self._student).__name__, type(student).__name__)
+            self._bind_student(student, replaced=True)
+        return student
 
     def _build_projections(self, trainer: L.Trainer, pl_module: L.LightningModule, student: nn.Module) -> None:
         from lightning_eff.callbacks.common import example_inputs
@@ -327,6 +361,7 @@ class Distillation(L.Callback):
         index = None
         if isinstance(batch, IndexedBatch):
             index, batch = batch.index, batch.batch
+        self._current_student(pl_module)
         self._capture.arm()
         for store in self._features.values():
             store.clear()
@@ -339,8 +374,9 @@ class Distillation(L.Callback):
         task = out["loss"] if isinstance(out, Mapping) else out
         if self._capture.calls == 0:
             raise ConfigError(
-                f"Distillation: the student network ({type(target_module(pl_module, self.module_attr)).__name__}) was not "
-                "called in training_step; set module_attr to the attribute your training_step calls."
+                f"Distillation: the student network (module_attr={self.module_attr!r}, a "
+                f"{type(self.network(pl_module)).__name__}) was not called in training_step; set module_attr to the "
+                f"attribute your training_step calls (modules: {module_attributes(pl_module)})."
             )
         if self._capture.calls > 1 and not self._warned_calls:
             log.warning("Distillation: the student ran %d times in one training_step; distilling its first call.",
@@ -414,6 +450,7 @@ class Distillation(L.Callback):
 
     # ------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._current_student(pl_module)  # every callback's setup (surgery) has run by now
         self._total_steps = None
         if self.teacher is not None:
             self.teacher.to(pl_module.device)
@@ -445,9 +482,11 @@ class Distillation(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for h in self._handles:
+        for h in self._handles + self._student_handles:
             h.remove()
         self._handles.clear()
+        self._student_handles.clear()
+        self._student = None
         if self._patched is not None:
             self._patched.__dict__.pop("training_step", None)
             self._patched = None

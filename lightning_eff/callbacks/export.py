@@ -12,7 +12,8 @@ weight-only quantization, write their own files and are skipped), and writes, pe
   through ``torch.export``, so they are not lowered to ``.pte`` (logged, not an error). When the
   trained network is an FX *fake-quant* QAT model, its QAT-trained weights still reach ExecuTorch
   as ``qat_weights_ptq_int8_xnnpack``: the fake-quant modules are stripped (BN folded into the
-  conv with its running statistics, exactly the weights the QAT forward quantized), and that
+  conv with its running statistics, exactly the weights the QAT forward quantized; each activation
+  fake-quant kept as the clamp to its range, see :func:`float_from_fx_qat`), and that
   float network is quantized by pt2e static PTQ with XNNPACK's symmetric per-channel config,
   calibrated on training batches. We chose this over a second (pt2e) QAT pass because it costs
   no training and keeps one QAT run for all targets; the name says what it is: QAT-trained weights,
@@ -25,13 +26,17 @@ batch-1 latency measured through the loaded artifact. An export that fails is re
 error and the run goes on: the trained model and its checkpoints are never touched.
 
 Example:
-    >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(engines=["x86"]), Export(formats=["pt", "ptl"])])
+    >>> from lightning_eff import QuantizationAwareTraining
+    >>> export = Export(formats=["pt", "ptl"], latency=False)
+    >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(engines=["x86"]), export])
     >>> trainer.fit(task, datamodule=dm)
-    >>> [a["path"] for a in trainer.callbacks[1].artifacts()]
+    >>> [(f"{a['variant']}.{a['format']}", a["verified"]) for a in export.artifacts()]
+    [('qat_int8_x86.pt', True), ('qat_int8_x86.ptl', True)]
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import (
     check_submodule,
     cpu_copy,
@@ -47,16 +53,16 @@ from lightning_eff.callbacks.common import (
     get_submodule,
     model_inputs,
     submodule_inputs,
-    target_module,
     to_cpu,
 )
 from lightning_eff.compression.quantization.fx import model_engine
+from lightning_eff.compression.quantization.preflight import int8_kernels_allowed
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra import export as ex
-from lightning_eff.infra.footprint import batch_len, batch_rows, file_bytes, gzip_size, measure_latency
-from lightning_eff.validation import check_bool, check_choice, check_int
+from lightning_eff.infra.footprint import batch_len, batch_rows, cpu_capability, file_bytes, gzip_size, measure_latency
+from lightning_eff.validation import as_list, check_bool, check_choice, check_int, check_number
 
-__all__ = ["Export", "FORMATS", "float_from_fx_qat"]
+__all__ = ["Export", "FORMATS", "float_from_fx_qat", "fake_quant_clamp"]
 
 FORMATS = ["pt", "ptl", "pte", "onnx"]
 _QAT_PTE = "qat_weights_ptq_int8_xnnpack"  # FX QAT-trained weights, pt2e PTQ-calibrated, XNNPACK int8
@@ -81,11 +87,17 @@ def _is_fx_qat(model: nn.Module) -> bool:
 
 
 def float_from_fx_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A float CPU copy of an FX QAT-prepared model with its QAT-trained weights, for pt2e/ExecuTorch.
+    """A float CPU copy of an FX QAT-prepared model computing what its QAT forward computes, for pt2e/ExecuTorch.
 
-    Activation fake-quant nodes become identities and every torch.ao QAT module is replaced by its
-    ``to_float()`` (fused Conv-BN(-ReLU) QAT modules fold BN with its running statistics, which is
-    what the QAT forward quantized in eval mode). ``prepared`` is not modified.
+    Every torch.ao QAT module is replaced by its ``to_float()`` (fused Conv-BN(-ReLU) QAT modules fold
+    BN with its running statistics, which is what the QAT forward quantized in eval mode). Each
+    activation fake-quant becomes the **clamp to its quantization range** it applied
+    (:func:`fake_quant_clamp`), not an identity: with ReLU6 replaced by ReLU for fusion, those clamps
+    are the only bound on the activations the network was trained with. Dropping them let a
+    briefly-trained MobileNet's activations grow layer by layer to ~1e14 (its QAT forward: ~6), so
+    the "reference" was garbage and the int8 ``.pte`` calibrated on it overflowed the int32
+    requantization of XNNPACK's AVX-512 kernels (garbage on VNNI/AMX CPUs, top-1 matching only by
+    luck on AVX2). ``prepared`` is not modified.
     """
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
@@ -95,13 +107,39 @@ def float_from_fx_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
             continue
         module = model.get_submodule(node.target)
         if isinstance(module, FakeQuantizeBase):
-            node.replace_all_uses_with(node.args[0])
-            model.graph.erase_node(node)
+            clamp = fake_quant_clamp(module)
+            if clamp is None:
+                node.replace_all_uses_with(node.args[0])
+                model.graph.erase_node(node)
+            else:
+                model.set_submodule(node.target, clamp)
         elif hasattr(module, "weight_fake_quant") and callable(getattr(module, "to_float", None)):
             model.set_submodule(node.target, module.to_float().eval())
     model.delete_all_unused_submodules()
     model.recompile()
     return model.eval()
+
+
+def fake_quant_clamp(fake_quant: nn.Module) -> nn.Module | None:
+    """``Hardtanh(lo, hi)`` with the float range a per-tensor fake-quant clamps to, or ``None`` (identity).
+
+    ``lo = (quant_min - zero_point) * scale`` and ``hi = (quant_max - zero_point) * scale``: the
+    fake-quant's output without its rounding. ``None`` when fake quantization is off or per-channel
+    (activations are per-tensor in every flow we prepare).
+    """
+    enabled = getattr(fake_quant, "fake_quant_enabled", None)
+    if enabled is None or not bool(enabled[0]):
+        return None
+    scale, zero_point = fake_quant.scale.detach().cpu().reshape(-1), fake_quant.zero_point.detach().cpu().reshape(-1)
+    if scale.numel() != 1:
+        return None
+    observer = getattr(fake_quant, "activation_post_process", fake_quant)
+    qmin = getattr(observer, "quant_min", getattr(fake_quant, "quant_min", None))
+    qmax = getattr(observer, "quant_max", getattr(fake_quant, "quant_max", None))
+    if qmin is None or qmax is None:
+        return None
+    s, z = float(scale), int(zero_point)
+    return nn.Hardtanh((qmin - z) * s, (qmax - z) * s)
 
 
 def _is_int8(model: nn.Module) -> bool:
@@ -110,7 +148,25 @@ def _is_int8(model: nn.Module) -> bool:
     )
 
 
-class Export(L.Callback):
+def _mark_unverified(entry: dict[str, Any], path: Path) -> None:
+    """Rename a written file that failed (or never finished) verification to ``<name>.unverified.<fmt>``."""
+    if not path.exists():
+        entry.pop("path", None)
+        return
+    marked = path.with_name(f"{path.stem}.unverified{path.suffix}")
+    try:
+        os.replace(path, marked)
+        sidecar = path.with_name(path.name + ".json")
+        if sidecar.exists():
+            os.replace(sidecar, marked.with_name(marked.name + ".json"))
+        entry["path"] = str(marked)
+    except OSError as err:  # cannot rename: remove it rather than leave it looking good
+        path.unlink(missing_ok=True)
+        entry.pop("path", None)
+        entry["error"] += f" (could not mark the file unverified: {err}; removed)"
+
+
+class Export(EffCallback):
     """Export, reload and verify every deployable model at the end of fit.
 
     Args:
@@ -133,6 +189,14 @@ class Export(L.Callback):
             and it is scripted (loops stay loops, so any sequence length works). Skips the
             automatic int8 ``.pte`` (its calibration feeds the whole network's inputs).
         strict: raise on the first failed export instead of recording it.
+        min_sqnr_db: an int8 artifact whose outputs reach a lower SQNR against the model it came
+            from (``10·log10(Σref²/Σerr²)``, quantization error included) fails verification.
+        min_sqnr_db_float: the same floor for float artifacts (only the runtime's rounding differs).
+
+    An artifact that fails verification (or whose verification raised) is never left looking like a
+    good one: the file is renamed ``<variant>.unverified.<fmt>`` and its entry says
+    ``"verified": False`` with the reason. Under ``Trainer(deterministic=True)`` the int8 kernels
+    run with determinism relaxed to warn-only for the export (a warning says so).
 
     Raises:
         ConfigError: unknown format or bad option.
@@ -152,13 +216,15 @@ class Export(L.Callback):
         module_attr: str = "model",
         submodule: str | None = None,
         strict: bool = False,
+        min_sqnr_db: float = 10.0,
+        min_sqnr_db_float: float = 30.0,
     ) -> None:
-        super().__init__()
-        formats = ["pt", "ptl", "pte"] if formats is None else list(formats)
+        super().__init__(module_attr)
+        formats = ["pt", "ptl", "pte"] if formats is None else as_list("formats", formats, item=str)
         if not formats:
             raise ConfigError(f"formats=[] exports nothing; choose from {FORMATS}.")
         self.formats = [check_choice("formats[]", f, FORMATS) for f in formats]
-        self.variants = None if variants is None else list(variants)
+        self.variants = as_list("variants", variants, item=str, allow_none=True)
         self.include_float = check_bool("include_float", include_float)
         self.int8_pte = check_bool("int8_pte", int8_pte)
         self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
@@ -166,9 +232,10 @@ class Export(L.Callback):
         self.verify = check_bool("verify", verify)
         self.verify_examples = check_int("verify_examples", verify_examples, low=2)
         self.latency = check_bool("latency", latency)
-        self.module_attr = module_attr
         self.submodule = check_submodule(submodule)
         self.strict = check_bool("strict", strict)
+        self.min_sqnr_db = float(check_number("min_sqnr_db", min_sqnr_db))
+        self.min_sqnr_db_float = float(check_number("min_sqnr_db_float", min_sqnr_db_float))
         self._artifacts: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ hooks
@@ -183,7 +250,7 @@ class Export(L.Callback):
     # ------------------------------------------------------------------ work
     def _models(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
         models: dict[str, nn.Module] = {}
-        net = target_module(pl_module, self.module_attr)
+        net = self.network(pl_module)
         if self.include_float and not _is_fake_quant(net):
             models["fp32"] = cpu_copy(net)
         for cb in trainer.callbacks:
@@ -212,6 +279,10 @@ class Export(L.Callback):
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Export every selected variant in every format; returns the artifact entries."""
+        with int8_kernels_allowed():  # Trainer(deterministic=True) leaves the flag on; int8 kernels refuse it
+            return self._export(trainer, pl_module)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         out_dir = Path(self.output_dir or Path(trainer.default_root_dir) / "artifacts")
         out_dir.mkdir(parents=True, exist_ok=True)
         examples = example_inputs(trainer, self.verify_examples + 1)
@@ -252,7 +323,7 @@ class Export(L.Callback):
                     continue
                 self._export_one(variant, model, fmt, out_dir, example, verify_batch if fmt in ("pt", "ptl") else verify_single)
         if "pte" in self.formats and self.int8_pte and not self.submodule and not any(_is_pt2e_int8(m) for m in models.values()):
-            net = target_module(pl_module, self.module_attr)
+            net = self.network(pl_module)
             if "fp32" in models:
                 self._export_one("ptq_int8_xnnpack", models["fp32"], "pte", out_dir, example, verify_single,
                                  int8=True, calibration=self._calibration(trainer))
@@ -287,11 +358,21 @@ class Export(L.Callback):
                 # For int8=True .pte the reference is the float model it was quantized from, so the
                 # figures include the quantization error, not just the export's fidelity.
                 entry.update(ex.verify_artifact(model, artifact, verify_inputs, example_inputs=args))
+                floor = self.min_sqnr_db if (int8 or _is_int8(model)) else self.min_sqnr_db_float
+                entry["min_sqnr_db"] = floor
+                if not entry["sqnr_db"] >= floor:
+                    raise ex.ExportError(
+                        f"verification failed: SQNR {entry['sqnr_db']:.1f} dB < {floor:g} dB against the model it came from "
+                        f"(max abs error {entry['max_abs_err']:.3g}, top-1 agreement {entry['top1_agreement']:.2f}, "
+                        f"CPU {cpu_capability()})")
+                entry["verified"] = True
             if self.latency:
                 entry["latency_ms_b1"] = measure_latency(artifact, args, warmup=3, repeats=20)
         except Exception as err:  # one failed export must not cost the run (or the other artifacts)
+            entry["error"] = f"{type(err).__name__}: {err}"
+            entry["verified"] = False
+            _mark_unverified(entry, path)
             if self.strict:
                 raise
-            entry["error"] = f"{type(err).__name__}: {err}"
             rank_zero_warn(f"Export: {variant} -> .{fmt} failed: {entry['error']}")
         self._artifacts.append(entry)

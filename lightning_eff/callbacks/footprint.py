@@ -30,7 +30,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_eff.callbacks.common import example_inputs, target_module
+from lightning_eff.callbacks.base import EffCallback
+from lightning_eff.callbacks.common import example_inputs
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import (
     count_nonzero_parameters,
@@ -39,7 +40,10 @@ from lightning_eff.infra.footprint import (
     serialize_state_dict,
     write_results,
 )
-from lightning_eff.validation import check_bool, check_int
+from lightning_eff.compression.quantization.fx import model_engine
+from lightning_eff.compression.quantization.preflight import quantized_engine
+from lightning_eff.infra.report import describe_model
+from lightning_eff.validation import as_list, check_bool, check_int
 
 __all__ = ["FootprintMonitor", "FootprintConfig"]
 
@@ -60,6 +64,7 @@ class FootprintConfig:
     output_dir: str | None = None
     filename: str = "results.json"
     log_every_validation: bool = True
+    variants: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_sizes, (str, bytes)) or not isinstance(self.batch_sizes, Sequence):
@@ -76,9 +81,10 @@ class FootprintConfig:
         if not isinstance(self.filename, str) or not self.filename.endswith(".json") or os.sep in self.filename:
             raise ConfigError(f"filename={self.filename!r} must be a plain file name ending in '.json', e.g. 'results.json'.")
         check_bool("log_every_validation", self.log_every_validation)
+        check_bool("variants", self.variants)
 
 
-class FootprintMonitor(pl.Callback):
+class FootprintMonitor(EffCallback):
     """Log footprint metrics during training and write a footprint report at the end.
 
     * ``on_validation_epoch_end`` (not in the sanity check): logs ``footprint/params``,
@@ -101,6 +107,11 @@ class FootprintMonitor(pl.Callback):
         output_dir: where to write the report (None: ``trainer.log_dir``, else ``default_root_dir``).
         filename: report file name (``.json``).
         log_every_validation: log the cheap metrics at each validation epoch end.
+        variants: also measure, at fit end, every deployable model other callbacks offer (the int8 models
+            of QAT/PTQ, a compacted pruned model) as rows of ``report["variants"]``. Each row (and the main
+            ``footprint``) says in ``"model"`` which model it measures: under QAT the trained network is a
+            fake-quant training graph, not a deployable model.
+        module_attr: attribute of the LightningModule holding the network (``None``: the module itself).
 
     Raises:
         ConfigError: an option has an invalid type or value.
@@ -117,15 +128,14 @@ class FootprintMonitor(pl.Callback):
         output_dir: str | None = None,
         filename: str = "results.json",
         log_every_validation: bool = True,
+        variants: bool = True,
+        module_attr: str | None = "model",
     ) -> None:
-        super().__init__()
-        if isinstance(batch_sizes, Sequence) and not isinstance(batch_sizes, (str, bytes)):
-            batch_sizes = tuple(batch_sizes)
-        elif hasattr(batch_sizes, "__iter__") and not isinstance(batch_sizes, (str, bytes, Mapping)):
-            batch_sizes = tuple(batch_sizes)  # Hydra's ListConfig
+        super().__init__(module_attr)
+        batch_sizes = tuple(as_list("batch_sizes", batch_sizes))  # one int is one batch size; ListConfig too
         self.config = FootprintConfig(
             batch_sizes, latency, memory, warmup, repeats, threads,
-            None if output_dir is None else str(output_dir), filename, log_every_validation,
+            None if output_dir is None else str(output_dir), filename, log_every_validation, variants,
         )
         self.report: dict[str, Any] = {}
         self.path: Path | None = None
@@ -140,6 +150,7 @@ class FootprintMonitor(pl.Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         # trainer.log_dir broadcasts from rank 0, so every rank must ask for it: here, not in a
         # rank-zero-only hook where the other ranks would never join the collective.
         if self.config.output_dir is not None:
@@ -151,7 +162,7 @@ class FootprintMonitor(pl.Callback):
         if trainer.sanity_checking or not self.config.log_every_validation:
             return
         try:
-            figures = _cheap_figures(target_module(pl_module))
+            figures = _cheap_figures(self.network(pl_module))
         except Exception as err:  # never stop training for a report
             rank_zero_warn(f"FootprintMonitor: could not count parameters ({type(err).__name__}: {err}).")
             return
@@ -189,7 +200,8 @@ class FootprintMonitor(pl.Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
         """Measure the footprint (if the model changed since last time) and merge metrics; False on failure."""
         try:
-            model = _cpu_copy(target_module(pl_module))
+            model = _cpu_copy(self.network(pl_module))
+            inputs = None
             fingerprint = hashlib.sha1(serialize_state_dict(model)).hexdigest() + type(model).__qualname__
             if fingerprint != self._fingerprint or "footprint" not in self.report:
                 inputs = example_inputs(trainer, 1)
@@ -206,7 +218,10 @@ class FootprintMonitor(pl.Callback):
                         model, inputs, batch_sizes=cfg.batch_sizes, latency=cfg.latency, memory=cfg.memory,
                         warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads,
                     )
+                figures["model"] = describe_model(model)
                 self.report = {"footprint": figures, "metrics": dict(self.report.get("metrics", {}))}
+                if stage == "fit" and self.config.variants and inputs is not None:
+                    self.report["variants"] = self._measure_variants(trainer, inputs)
                 self._fingerprint = fingerprint
             self.report["metrics"].update(_float_metrics(trainer.callback_metrics))
             self.report["stage"] = stage
@@ -214,6 +229,24 @@ class FootprintMonitor(pl.Callback):
         except Exception as err:  # a report must never cost the trained model
             rank_zero_warn(f"FootprintMonitor: footprint measurement failed at {stage} end ({type(err).__name__}: {err}).")
             return False
+
+    def _measure_variants(self, trainer: pl.Trainer, inputs: Any) -> dict[str, dict[str, Any]]:
+        """One row per deployable model of the other callbacks (int8 under its own engine)."""
+        rows: dict[str, dict[str, Any]] = {}
+        cfg = self.config
+        for cb in trainer.callbacks:
+            fn = getattr(cb, "deployable_models", None)
+            if cb is self or not callable(fn) or not getattr(cb, "exportable", True):
+                continue
+            for name, variant in fn().items():
+                try:
+                    with quantized_engine(model_engine(variant)):
+                        row = measure_footprint(variant, inputs, batch_sizes=cfg.batch_sizes, latency=cfg.latency,
+                                                memory=cfg.memory, warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads)
+                    rows[name] = {"model": describe_model(variant), **row}
+                except Exception as err:  # one variant must not cost the others their row
+                    rows[name] = {"model": describe_model(variant), "error": f"{type(err).__name__}: {err}"}
+        return rows
 
     def _write(self) -> None:
         directory = self._output_dir or "."

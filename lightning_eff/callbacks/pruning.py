@@ -41,7 +41,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_eff.callbacks.common import cpu_copy, example_inputs, target_module
+from lightning_eff.callbacks.base import EffCallback
+from lightning_eff.callbacks.common import cpu_copy, example_inputs
 from lightning_eff.compression.pruning.config import PruningConfig
 from lightning_eff.compression.pruning.pruner import Pruner
 from lightning_eff.compression.pruning.speed import sparsity_latency
@@ -53,21 +54,22 @@ from lightning_eff.compression.pruning.structured import (
     find_channel_groups,
     slice_like,
 )
+from lightning_eff.naming import float_state_dict
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import count_parameters, gzip_size, interleaved_min_ms
-from lightning_eff.validation import check_bool, check_choice
+from lightning_eff.validation import as_list, check_bool, check_choice
 
 __all__ = ["Pruning"]
 
 _STATE_VERSION = 1
-_QUANT_STATE = re.compile(r"(activation_post_process|_fake_quant)")
 
 
-def _tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+def _tuple(name: str, value: Any) -> Any:
+    """A list option as a tuple (a single string or number is one item; ``None`` stays ``None``)."""
+    return None if value is None else tuple(as_list(name, value))
 
 
-class Pruning(L.Callback):
+class Pruning(EffCallback):
     """Prune a LightningModule's network during training (flat options, buildable from Hydra).
 
     Args:
@@ -159,20 +161,17 @@ class Pruning(L.Callback):
         artifact_dir: str | None = None,
         compact_during_fit: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(module_attr)
         self.config = PruningConfig(
             amount=amount, schedule=schedule, initial_amount=initial_amount, begin_step=begin_step, begin_fraction=begin_fraction,
             end_step=end_step, end_fraction=end_fraction, frequency=frequency, power=power, rounds=rounds,
-            schedule_steps=_tuple(schedule_steps), schedule_amounts=_tuple(schedule_amounts), saliency=saliency,
-            granularity=granularity, distribution=distribution, n=n, m=m, block=_tuple(block) if block is not None else (1, 4),
-            include=_tuple(include), exclude=_tuple(exclude), module_types=_tuple(module_types),
-            parameter_names=_tuple(parameter_names), min_params=min_params, skip_first=skip_first, regrowth=regrowth,
+            schedule_steps=_tuple("schedule_steps", schedule_steps), schedule_amounts=_tuple("schedule_amounts", schedule_amounts), saliency=saliency,
+            granularity=granularity, distribution=distribution, n=n, m=m, block=_tuple("block", block) if block is not None else (1, 4),
+            include=_tuple("include", include), exclude=_tuple("exclude", exclude), module_types=_tuple("module_types", module_types),
+            parameter_names=_tuple("parameter_names", parameter_names), min_params=min_params, skip_first=skip_first, regrowth=regrowth,
             regrowth_fraction=regrowth_fraction, regrowth_interval=regrowth_interval, regrowth_end_step=regrowth_end_step,
             regrowth_end_fraction=regrowth_end_fraction, rewind_step=rewind_step, seed=seed, allow_full=allow_full,
         )
-        if not isinstance(module_attr, str) or not module_attr:
-            raise ConfigError(f"module_attr={module_attr!r} must name the attribute holding the network, e.g. 'model'.")
-        self.module_attr = module_attr
         self.log_sparsity = check_bool("log_sparsity", log_sparsity)
         if export_sparse is not None:
             check_choice("export_sparse", export_sparse, VALUE_DTYPES)
@@ -207,11 +206,12 @@ class Pruning(L.Callback):
 
     # ---------------------------------------------------------------- binding
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
         self._trainer = trainer
         if stage == "fit":
             # Validate selectors now (before training); binding happens again in on_fit_start,
             # after every callback's surgery (QAT prepare) and the checkpoint restore.
-            self.pruner.validate(target_module(pl_module, self.module_attr))
+            self.pruner.validate(self.network(pl_module))
             self._bound = None
             if self.compact_during_fit:
                 self._compacted = None  # set again by a compacted checkpoint being restored
@@ -248,14 +248,14 @@ class Pruning(L.Callback):
         keep = state.get("compacted")
         if not keep or self._compacted is not None:
             return False
-        model = target_module(pl_module, self.module_attr)
+        model = self.network(pl_module)
         groups = [g for g in find_channel_groups(model) if g.name in keep]
         compact(model, groups, {g.name: keep[g.name] for g in groups}, inplace=True)
         self._compacted = {k: v.clone() for k, v in keep.items()}
         return True
 
     def _compact_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = target_module(pl_module, self.module_attr)
+        model = self.network(pl_module)
         groups = find_channel_groups(model)
         if not groups:
             rank_zero_info(f"Pruning: compact_during_fit found no channel groups in {type(model).__name__} (e.g. a QAT-prepared "
@@ -278,7 +278,7 @@ class Pruning(L.Callback):
             pl_module.log("pruning/params_removed", 1.0 - after / before, on_step=True, on_epoch=False)
 
     def _bind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = target_module(pl_module, self.module_attr)
+        model = self.network(pl_module)
         if model is self._bound:
             return
         total = trainer.estimated_stepping_batches
@@ -359,7 +359,7 @@ class Pruning(L.Callback):
                 raise ConfigError("Pruning.finalize(): no model yet; pass the LightningModule or attach the callback to a fit.")
             model = self._bound
         else:
-            model = target_module(pl_module, self.module_attr)
+            model = self.network(pl_module)
         out = cpu_copy(model)
         params = dict(out.named_parameters())
         with torch.no_grad():
@@ -388,11 +388,13 @@ class Pruning(L.Callback):
         return list(self._artifacts)
 
     def _write_artifact(self, trainer: L.Trainer, pl_module: L.LightningModule, final: nn.Module) -> list[dict[str, Any]]:
-        model = cpu_copy(target_module(pl_module, self.module_attr))
+        model = cpu_copy(self.network(pl_module))
         folder = Path(self.artifact_dir) if self.artifact_dir else Path(trainer.default_root_dir) / "pruning"
         # Weights only: a QAT-prepared model also carries observer / fake-quant state (scales, ranges),
         # which belongs to the int8 export, not to the weight artifact (it would dominate small models).
-        state = {k: v for k, v in model.state_dict().items() if not _QUANT_STATE.search(k)}
+        # Under the float network's names (a QAT graph renames fused BN to conv.bn.*), so the file loads
+        # into the user's own float network as well as into the model it was written from.
+        state = float_state_dict(model)
         path = save_sparse(state, folder / f"sparse_{self.export_sparse}.pt", values=self.export_sparse)
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -13,9 +13,12 @@ static int8 calibrated on batches of the datamodule (the survey's "representativ
 dynamic int8 for Linear/LSTM/GRU-heavy text models.
 
 Example:
-    >>> trainer = L.Trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(engine="x86", start_fraction=0.5)])
+    >>> qat = QuantizationAwareTraining(engines=["x86"], start_fraction=0.5)
+    >>> trainer = L.Trainer(max_epochs=1, callbacks=[qat])
     >>> trainer.fit(task, datamodule=dm)
-    >>> int8 = trainer.callbacks[0].deployable_models()["qat_int8_x86"]
+    >>> int8 = qat.deployable_models()["qat_int8_x86"]
+    >>> int8(dm.sample_inputs(2)).shape
+    torch.Size([2, 10])
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import (
     check_submodule,
     cpu_copy,
@@ -36,7 +40,6 @@ from lightning_eff.callbacks.common import (
     set_submodule,
     set_target_module,
     submodule_inputs,
-    target_module,
 )
 from lightning_eff.compression.quantization.fx import (
     OBSERVERS,
@@ -53,7 +56,7 @@ from lightning_eff.compression.quantization.fx import (
 from lightning_eff.compression.quantization.preflight import check_engine, quantized_engine
 from lightning_eff.errors import ConfigError
 from lightning_eff.schedules import check_step_or_fraction, resolve_step
-from lightning_eff.validation import check_bool, check_choice, check_int
+from lightning_eff.validation import as_list, check_bool, check_choice, check_int
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "FLOWS"]
 
@@ -74,10 +77,7 @@ def _check_precision(trainer: L.Trainer, who: str) -> None:
 def _engines(option: str, engines: list[str] | str | None, flow: str) -> list[str]:
     if flow == "pt2e":
         return ["xnnpack"]
-    if engines is None:
-        engines = ["x86"]
-    if isinstance(engines, str):
-        engines = [engines]
+    engines = ["x86"] if engines is None else as_list(option, engines, item=str)
     if not engines:
         raise ConfigError(f"{option}=[] must name at least one engine.")
     return [check_engine(e, option) for e in engines]
@@ -118,7 +118,7 @@ def _as_args(inputs: Any) -> tuple:
     return (inputs,)  # the network takes a batch's inputs as one argument (a tensor, or the batch's strings)
 
 
-class QuantizationAwareTraining(L.Callback):
+class QuantizationAwareTraining(EffCallback):
     """Quantization-aware training (survey §3.1.2, Jacob et al. 2018) for any LightningModule.
 
     Args:
@@ -166,7 +166,7 @@ class QuantizationAwareTraining(L.Callback):
         example_input_shape: list[int] | None = None,
         convert_on_fit_end: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(module_attr)
         self.flow = check_choice("flow", flow, FLOWS)
         self.engines = _engines("engines", engines, flow)
         self.per_channel = _check_per_channel(per_channel, flow)
@@ -180,15 +180,15 @@ class QuantizationAwareTraining(L.Callback):
         self.start = (start_step, start_fraction)
         self.freeze_observer = (freeze_observer_step, freeze_observer_fraction)
         self.freeze_bn = (freeze_bn_step, freeze_bn_fraction)
-        self.module_attr = module_attr
         self.submodule = _check_submodule(submodule, flow)
         if example_input_shape is not None:
-            example_input_shape = [check_int("example_input_shape[]", d, low=1) for d in example_input_shape]
+            example_input_shape = [check_int("example_input_shape[]", d, low=1) for d in as_list("example_input_shape", example_input_shape)]
         self.example_input_shape = example_input_shape
         self.convert_on_fit_end = check_bool("convert_on_fit_end", convert_on_fit_end)
         self._prepared: nn.Module | None = None
         self._net: nn.Module | None = None
         self._pt2e_training = False
+        self._counters: dict[str, torch.Tensor] = {}
         self._applied: tuple | None = None
         self._converted: dict[str, nn.Module] = {}
         self._converted_at: int | None = None
@@ -201,9 +201,10 @@ class QuantizationAwareTraining(L.Callback):
 
     # ---------------------------------------------------------------- surgery
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
         _check_precision(trainer, "QuantizationAwareTraining")
         self._trainer = trainer
-        net = target_module(pl_module, self.module_attr)
+        net = self.network(pl_module)
         current = get_submodule(net, self.submodule) if self.submodule else net
         if self._prepared is not None and current is self._prepared:
             return  # setup runs again for validate/test: keep the prepared model
@@ -285,11 +286,52 @@ class QuantizationAwareTraining(L.Callback):
             set_pt2e_training(self._prepared, training)
             self._pt2e_training = training
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    # Observers (and the scale / zero point they drive) must move in training steps only. torch.ao's
+    # FakeQuantize observes whenever ``observer_enabled`` is set — in eval mode too — so a validate(),
+    # test(), predict() or the sanity check would otherwise pull validation/test data into the
+    # quantization ranges, and a resumed run (whose sanity check sees other data at another moment)
+    # would diverge from an uninterrupted one. Every evaluation therefore freezes them, and the next
+    # training batch re-applies the step schedule (``_applied = None``).
+    # An exported (pt2e) graph also keeps BatchNorm's ``num_batches_tracked += 1`` op in eval mode, so
+    # those counters are saved before an evaluation and put back after it.
+    def _freeze_for_evaluation(self) -> None:
+        if self._prepared is None:
+            return
+        set_observers(self._prepared, False)
+        self._applied = None
         self._set_pt2e_mode(False)
+        if self.flow == "pt2e":
+            self._counters = {k: v.clone() for k, v in self._prepared.named_buffers() if k.endswith("num_batches_tracked")}
+
+    def _after_evaluation(self) -> None:
+        if self._prepared is not None and self._counters:
+            buffers = dict(self._prepared.named_buffers())
+            with torch.no_grad():
+                for k, v in self._counters.items():
+                    buffers[k].copy_(v)
+        self._counters = {}
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._freeze_for_evaluation()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._after_evaluation()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._set_pt2e_mode(False)
+        self._freeze_for_evaluation()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._after_evaluation()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._freeze_for_evaluation()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._after_evaluation()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        # After fit the model is evaluated, exported or called by hand: nothing may move its ranges.
+        self._freeze_for_evaluation()
 
     # ---------------------------------------------------------------- conversion
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -335,7 +377,7 @@ class QuantizationAwareTraining(L.Callback):
             raise ConfigError(f"checkpoint was trained with flow={state_dict['flow']!r}, this callback has flow={self.flow!r}.")
 
 
-class PostTrainingQuantization(L.Callback):
+class PostTrainingQuantization(EffCallback):
     """Post-training int8 quantization of a copy of the trained model, at the end of fit.
 
     Args:
@@ -368,7 +410,7 @@ class PostTrainingQuantization(L.Callback):
         module_attr: str = "model",
         submodule: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(module_attr)
         self.mode = check_choice("mode", mode, ["static", "dynamic"])
         self.flow = check_choice("flow", flow, FLOWS)
         if flow == "pt2e" and mode == "dynamic":
@@ -378,13 +420,13 @@ class PostTrainingQuantization(L.Callback):
         self.observer = check_choice("observer", observer, list(OBSERVERS))
         self.relu6 = check_choice("relu6", relu6, ["relu", "keep"])
         self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
-        self.module_attr = module_attr
         self.submodule = _check_submodule(submodule, flow)
         self._models: dict[str, nn.Module] = {}
         self._trainer: L.Trainer | None = None
         self._pl_module: L.LightningModule | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
         self._trainer, self._pl_module = trainer, pl_module
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -400,7 +442,7 @@ class PostTrainingQuantization(L.Callback):
 
     def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
         """Quantize a CPU copy of the trained network; returns ``{"ptq_int8_<engine>": model}``."""
-        net = cpu_copy(target_module(pl_module, self.module_attr))
+        net = cpu_copy(self.network(pl_module))
         float_model = get_submodule(net, self.submodule) if self.submodule else net
         self._models = {}
         if self.mode == "dynamic":

@@ -20,8 +20,10 @@ deployable form is the packed file; a TorchScript of the dequantized model is fp
 Example:
     >>> wq = WeightOnlyQuantization(bits=[8, 4])
     >>> trainer = L.Trainer(max_epochs=1, callbacks=[wq])
-    >>> trainer.fit(task, datamodule=dm); trainer.test(task, datamodule=dm)
-    >>> [(a["variant"], a["bytes"], a["test_acc"]) for a in wq.artifacts()]
+    >>> trainer.fit(task, datamodule=dm)
+    >>> _ = trainer.test(task, datamodule=dm, verbose=False)
+    >>> [(a["variant"], a["bytes_ratio"] < 1.0, 0.0 <= a["test_acc"] <= 1.0) for a in wq.artifacts()]
+    [('weight_only_int8', True, True), ('weight_only_int4', True, True)]
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_eff.callbacks.common import cpu_copy, example_inputs, target_module
+from lightning_eff.callbacks.base import EffCallback
+from lightning_eff.callbacks.common import cpu_copy, example_inputs
 from lightning_eff.compression.quantization.weight_only import (
     load_quantized,
     quantize_weights,
@@ -43,7 +46,7 @@ from lightning_eff.compression.quantization.weight_only import (
 )
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.footprint import gzip_size, serialize_state_dict
-from lightning_eff.validation import check_bool, check_choice, check_int
+from lightning_eff.validation import as_list, check_bool, check_choice, check_int
 
 __all__ = ["WeightOnlyQuantization", "BITS", "WEIGHT_ONLY_SCHEMES"]
 
@@ -52,7 +55,7 @@ BITS = [2, 3, 4, 5, 6, 7, 8]
 WEIGHT_ONLY_SCHEMES = ["affine", "symmetric"]
 
 
-class WeightOnlyQuantization(L.Callback):
+class WeightOnlyQuantization(EffCallback):
     """Write packed b-bit weight-only copies of the trained model and report the accuracy they keep.
 
     Args:
@@ -82,8 +85,8 @@ class WeightOnlyQuantization(L.Callback):
         verify_examples: int = 16,
         module_attr: str = "model",
     ) -> None:
-        super().__init__()
-        bits = [8, 4, 2] if bits is None else ([bits] if isinstance(bits, int) else list(bits))
+        super().__init__(module_attr)
+        bits = [8, 4, 2] if bits is None else as_list("bits", bits)
         if not bits:
             raise ConfigError(f"bits=[] produces nothing; choose bit-widths from {BITS}.")
         self.bits = [_check_bits(b) for b in bits]
@@ -94,7 +97,6 @@ class WeightOnlyQuantization(L.Callback):
         self.min_numel = check_int("min_numel", min_numel, low=0)
         self.dirpath = dirpath
         self.verify_examples = check_int("verify_examples", verify_examples, low=1)
-        self.module_attr = module_attr
         self._models: dict[str, nn.Module] = {}
         self._artifacts: list[dict[str, Any]] = []
 
@@ -113,7 +115,7 @@ class WeightOnlyQuantization(L.Callback):
     # ------------------------------------------------------------------ work
     def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Quantize, save atomically, reload and verify one copy per bit-width; returns the artifact entries."""
-        net = cpu_copy(target_module(pl_module, self.module_attr))
+        net = cpu_copy(self.network(pl_module))
         folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "weight_only"
         folder.mkdir(parents=True, exist_ok=True)
         float_bytes = len(serialize_state_dict(net))
@@ -159,7 +161,7 @@ class WeightOnlyQuantization(L.Callback):
         limits = trainer.num_test_batches
         limit = limits[0] if isinstance(limits, (list, tuple)) and limits else None
         limit = int(limit) if limit is not None and limit != float("inf") else None
-        accuracy = {"fp32": evaluate_accuracy(cpu_copy(target_module(pl_module, self.module_attr)), loader, limit)}
+        accuracy = {"fp32": evaluate_accuracy(cpu_copy(self.network(pl_module)), loader, limit)}
         for entry in self._artifacts:
             acc = evaluate_accuracy(self._models[entry["variant"]], loader, limit)
             accuracy[entry["variant"]] = acc

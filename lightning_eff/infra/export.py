@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,6 +57,7 @@ __all__ = [
     "load_artifact",
     "read_metadata",
     "verify_artifact",
+    "sqnr_db",
     "perturbed_inputs",
     "Artifact",
 ]
@@ -172,11 +174,30 @@ def _resolve_method(model: Any, method: str) -> str:
     return "script" if isinstance(model, torch.fx.GraphModule) else "trace"
 
 
+def _drop_fx_annotations(model: nn.Module) -> None:
+    """Remove type annotations from FX graphs before scripting.
+
+    FX copies the user's ``forward(self, x: torch.Tensor) -> torch.Tensor`` annotations into the
+    generated code as mangled globals (``_torch_Tensor_``), which TorchScript cannot resolve
+    ("Unknown type name"); without them TorchScript infers ``Tensor``, the same thing.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            changed = False
+            for node in module.graph.nodes:
+                if node.op in ("placeholder", "output") and node.type is not None:
+                    node.type = None
+                    changed = True
+            if changed:
+                module.recompile()
+
+
 def _to_script(model: nn.Module, inputs: tuple, method: str) -> torch.jit.ScriptModule:
     """Script or trace with trace warnings turned into errors (a warning means a baked-in branch)."""
     if isinstance(model, torch.jit.ScriptModule):
         return model
     if method == "script":
+        _drop_fx_annotations(model)
         try:
             return torch.jit.script(model)
         except Exception as err:
@@ -549,6 +570,15 @@ def perturbed_inputs(example_inputs: Any, n: int = 2, *, scale: float = 0.5, see
 
 
 @torch.no_grad()
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-quantization-noise ratio in dB from summed squares (``inf`` without noise, ``-inf`` without signal)."""
+    if noise <= 0.0:
+        return float("inf")
+    if signal <= 0.0 or not math.isfinite(noise):
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
+
+
 def verify_artifact(
     reference_model: Any,
     artifact_callable: Any,
@@ -565,8 +595,10 @@ def verify_artifact(
         example_inputs: the export example; a batch equal to it raises ``ConfigError``.
 
     Returns:
-        ``{"top1_agreement", "max_abs_err", "mean_abs_err", "batches", "samples"}``;
-        ``top1_agreement`` is the share of rows whose argmax over the last dim agrees.
+        ``{"top1_agreement", "max_abs_err", "mean_abs_err", "sqnr_db", "batches", "samples"}``;
+        ``top1_agreement`` is the share of rows whose argmax over the last dim agrees; ``sqnr_db`` is
+        ``10·log10(Σref² / Σ(ref−got)²)`` over all outputs (``inf`` when identical): top-1 on a few
+        images can agree while the outputs are far off, the relative error cannot.
     """
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     if not batches:
@@ -574,6 +606,7 @@ def verify_artifact(
     example = _inputs(example_inputs) if example_inputs is not None else None
     agree = total = 0
     max_err, abs_sum, count = 0.0, 0.0, 0
+    signal = noise = 0.0
     with _eval_mode(reference_model):
         for batch in batches:
             args = _inputs(batch)
@@ -589,6 +622,8 @@ def verify_artifact(
             if ref.shape != got.shape:
                 raise ExportError(f"artifact output shape {tuple(got.shape)} differs from reference {tuple(ref.shape)}.")
             diff = (ref.float() - got.float()).abs()
+            signal += float(ref.double().pow(2).sum())
+            noise += float(diff.double().pow(2).sum())
             max_err = max(max_err, float(diff.max()) if diff.numel() else 0.0)
             abs_sum += float(diff.sum())
             count += diff.numel()
@@ -601,6 +636,7 @@ def verify_artifact(
         "top1_agreement": agree / total if total else float("nan"),
         "max_abs_err": max_err,
         "mean_abs_err": abs_sum / max(count, 1),
+        "sqnr_db": sqnr_db(signal, noise),
         "batches": len(batches),
         "samples": total,
     }

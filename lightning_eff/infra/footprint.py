@@ -50,6 +50,8 @@ from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_int
 
 __all__ = [
+    "cpu_capability",
+    "cpu_flags",
     "count_parameters", "count_nonzero_parameters", "serialize_state_dict", "state_dict_bytes", "gzip_size",
     "file_bytes", "count_macs", "call_with_inputs", "resize_batch", "batch_rows", "batch_len", "measure_latency", "measure_latencies",
     "peak_memory_mb", "process_peak_rss_mb", "interleaved_min_ms", "interleaved_times", "measure_footprint", "format_table", "write_results",
@@ -460,6 +462,31 @@ def _attempt(key: str, fn: Callable[[], Any]) -> Any:
         log.warning("footprint: %s could not be measured for this model (%s: %s); reporting None", key, type(err).__name__, err)
         return None
 
+
+
+def cpu_capability() -> str:
+    """``torch.backends.cpu.get_cpu_capability()`` (``"AVX2"``, ``"AVX512"``, ...): int8/bf16 speed and some int8 numerics depend on it."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # very old builds / non-x86
+        return "unknown"
+
+
+def cpu_flags() -> dict[str, Any]:
+    """The CPU facts every figure is recorded with: capability, model name, and the ISA flags that matter."""
+    flags: set[str] = set()
+    model = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and model is None:
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    return {"capability": cpu_capability(), "model": model, **{f: f in flags for f in wanted}}
 
 def measure_footprint(
     model: Callable[..., Any],

@@ -25,11 +25,11 @@ from torch import nn
 from lightning_eff.compression.pruning.speed import sparsity_latency, weight_zero_fraction
 from lightning_eff.compression.quantization.fx import model_engine
 from lightning_eff.compression.quantization.preflight import quantized_engine
-from lightning_eff.infra.footprint import measure_footprint
+from lightning_eff.infra.footprint import cpu_capability, cpu_flags, measure_footprint
 from lightning_eff.tasks.classification import call_model, split_batch
 from lightning_eff.validation import check_bool, check_number
 
-__all__ = ["build_report", "evaluate_accuracy", "collect_deployables"]
+__all__ = ["build_report", "evaluate_accuracy", "collect_deployables", "describe_model", "int8_speed"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,61 @@ def evaluate_accuracy(model: nn.Module | Any, dataloader: Any, max_batches: int 
         correct += int((logits.argmax(dim=-1) == labels).sum())
         total += int(labels.numel())
     return correct / max(total, 1)
+
+
+def describe_model(model: Any) -> str:
+    """Which model a footprint row measures, in words (a fake-quant training graph is not a deployable model)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return "TorchScript module"
+    if not isinstance(model, nn.Module):
+        return type(model).__name__
+    modules = list(model.modules())
+    if any(hasattr(m, "enable_fake_quant") for m in modules):
+        return ("QAT fake-quant training graph (float math simulating int8; not deployable — the qat_int8_* rows "
+                "are the int8 models)")
+    graph = getattr(model, "graph", None)
+    if graph is not None and any(n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes):
+        return "int8 pt2e graph for XNNPACK/ExecuTorch, run here by eager PyTorch (its .pte artifact is the deployable form)"
+    engine = model_engine(model)
+    if engine is not None and any("quantized" in type(m).__module__ for m in modules):
+        return f"int8 model (torch.ao, {engine} kernels)"
+    if any("quantized" in type(m).__module__ for m in modules):
+        return "int8 model (torch.ao)"
+    return "float network (eager PyTorch)"
+
+
+def is_int8_description(text: str) -> bool:
+    return text.startswith("int8 model")
+
+
+def int8_speed(rows: Mapping[str, Mapping[str, Any]], artifacts: Sequence[Mapping[str, Any]], float_row: str = "fp32") -> list[str]:
+    """Plain sentences: every int8 row slower than its float source at some batch size, and the fastest artifact.
+
+    Adds ``int8_vs_float_b<N>`` (latency ratio) and ``slower_than_float`` to each int8 row in place.
+    """
+    sentences: list[str] = []
+    base = rows.get(float_row) or {}
+    cpu = cpu_capability()
+    for name, row in rows.items():
+        if not is_int8_description(str(row.get("model", ""))):
+            continue
+        slower = []
+        for key, value in list(row.items()):
+            if not key.startswith("latency_ms_b") or value is None or not base.get(key):
+                continue
+            ratio = value / base[key]
+            row[f"int8_vs_float_b{key[len('latency_ms_b'):]}"] = ratio
+            if ratio >= 1.0:
+                slower.append(f"batch {key[len('latency_ms_b'):]}: {value:.3g} ms vs {base[key]:.3g} ms ({ratio:.2f}x)")
+        row["slower_than_float"] = bool(slower)
+        if slower:
+            sentences.append(f"{name} is SLOWER than its float source {float_row} on this CPU ({cpu}) — " + "; ".join(slower))
+    timed = [a for a in artifacts if a.get("latency_ms_b1") is not None and a.get("verified", True) and "error" not in a]
+    if timed:
+        best = min(timed, key=lambda a: a["latency_ms_b1"])
+        sentences.append(f"fastest verified artifact on this CPU ({cpu}) at batch 1: {best['variant']}.{best['format']} "
+                         f"({best['latency_ms_b1']:.3g} ms)")
+    return sentences
 
 
 def collect_deployables(callbacks: Sequence[Any]) -> dict[str, nn.Module]:
@@ -80,7 +135,9 @@ def build_report(
         fast: ``fast_dev_run`` — two eval batches, one latency repeat.
 
     Returns:
-        ``{"rows": {variant: {metric: value}}, "artifacts": [...], "sparsity": [sentence, ...]}`` — one
+        ``{"rows": {variant: {metric: value, "model": what it measures}}, "artifacts": [...], "sparsity": [sentence, ...],
+        "int8_speed": [sentence, ...], "cpu": {...}}`` — ``int8_speed`` says plainly which int8 rows are slower than
+        the float model on this CPU and which artifact is fastest; ``sparsity`` has one
         sentence per sparse variant (zero weights >= ``report.sparsity_probe_min``, default 0.2) saying
         whether, on that variant's backend, the zeros bought latency (``report.sparsity_probe: false`` skips it).
     """
@@ -100,7 +157,7 @@ def build_report(
     rows: dict[str, dict[str, Any]] = {}
     sparsity_verdicts: list[str] = []
     for name, model in variants.items():
-        row: dict[str, Any] = {}
+        row: dict[str, Any] = {"model": describe_model(model)}
         with quantized_engine(model_engine(model)):  # int8 variants run under the engine they were packed for
             try:
                 row["test_acc"] = evaluate_accuracy(model, test_loader, eval_batches)
@@ -124,7 +181,8 @@ def build_report(
         fn = getattr(cb, "artifacts", None)
         if callable(fn):
             artifacts.extend(fn())
-    return {"rows": rows, "artifacts": artifacts, "sparsity": sparsity_verdicts}
+    speed = int8_speed(rows, artifacts)
+    return {"rows": rows, "artifacts": artifacts, "sparsity": sparsity_verdicts, "int8_speed": speed, "cpu": cpu_flags()}
 
 
 def _sparsity_verdict(name: str, model: Any, example: Any, repeats: int, min_zeros: float) -> tuple[dict[str, Any], str] | None:

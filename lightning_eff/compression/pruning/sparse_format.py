@@ -40,6 +40,7 @@ from torch import Tensor
 
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra.checkpoint_io import atomic_write
+from lightning_eff.naming import float_keys, is_quant_state_key
 from lightning_eff.validation import check_choice, check_number
 
 __all__ = ["FORMAT", "VALUE_DTYPES", "sparse_state_dict", "load_sparse_state_dict", "save_sparse", "load_sparse", "sparse_bytes", "serialize_sparse"]
@@ -199,9 +200,34 @@ def save_sparse(model_or_state: torch.nn.Module | Mapping[str, Any], path: str |
 
 
 def load_sparse(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, Tensor] | torch.nn.Module:
-    """Load an artifact with ``torch.load(weights_only=True)``: the dense ``state_dict``, or ``model`` with it loaded."""
+    """Load an artifact with ``torch.load(weights_only=True)``: the dense ``state_dict``, or ``model`` with it loaded.
+
+    Artifacts are written under the float network's names (:func:`~lightning_eff.naming.float_state_dict`),
+    so ``model`` may be the user's float network or the model the file was written from — a QAT
+    graph, whose fused names are mapped back and whose observer state is left as it is. Every
+    weight in the file must land and every weight of ``model`` must be covered.
+
+    Raises:
+        TypeError: the arguments are swapped (``load_sparse(model, path)``).
+        RuntimeError: the file's keys do not fit ``model`` (missing and unexpected keys named).
+    """
+    if isinstance(path, torch.nn.Module) or (model is not None and not isinstance(model, torch.nn.Module)):
+        raise TypeError(f"load_sparse(path, model=None): the path comes first, then the model; got "
+                        f"({type(path).__name__}, {type(model).__name__}).")
     state = load_sparse_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     if model is None:
         return state
-    model.load_state_dict(state)
+    own = model.state_dict()
+    if set(own) == set(state):
+        model.load_state_dict(state)
+        return model
+    to_float = float_keys(model) or {}
+    by_float = {f: k for k, f in to_float.items()}
+    mapped = {by_float.get(k, k): v for k, v in state.items()}
+    needed = {k for k in own if not is_quant_state_key(k)}
+    missing, unexpected = sorted(needed - set(mapped)), sorted(set(mapped) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"load_sparse: {path} does not fit {type(model).__name__}: missing keys {missing[:10]}, "
+                           f"unexpected keys {unexpected[:10]}.")
+    model.load_state_dict(mapped, strict=False)
     return model

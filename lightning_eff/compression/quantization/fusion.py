@@ -77,7 +77,7 @@ def split_norm_act(module: nn.Module) -> nn.Module:
 
     ``nn.Identity`` parts are dropped: an Identity node between BN and ReLU in the traced graph
     would break the ``Conv-BN-ReLU`` pattern. Weights, running statistics and
-    ``num_batches_tracked`` are copied, so outputs are identical in train and eval mode.
+    ``num_batches_tracked`` are the original tensors (shared), so outputs are identical in train and eval mode.
 
     Returns:
         A ``BatchNorm2d`` when drop and act are both Identity, else an ``nn.Sequential`` with
@@ -90,13 +90,13 @@ def split_norm_act(module: nn.Module) -> nn.Module:
         affine=module.affine,
         track_running_stats=module.track_running_stats,
     )
-    # BatchNormAct2d inherits from BatchNorm2d, so its own keys are exactly BN's plus children.
-    own = {k: v for k, v in module.state_dict().items() if "." not in k}
-    bn.load_state_dict(own)
+    # BatchNormAct2d inherits from BatchNorm2d, so its own keys are exactly BN's plus children. The
+    # tensors themselves are moved over (not copied): the rewritten module holds the very parameters
+    # and buffers of the original, so names can be traced back to the float network (naming.py).
+    for key, value in module.state_dict(keep_vars=True).items():
+        if "." not in key:
+            setattr(bn, key, value)
     bn.train(module.training)
-    ref = next(iter(own.values()), None)
-    if ref is not None:
-        bn.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     parts: list[tuple[str, nn.Module]] = [("bn", bn)]
     for name in ("drop", "act"):
         part = getattr(module, name, None)

@@ -51,6 +51,7 @@ from lightning_eff.compression.quantization.preflight import (
     supported_engines,
 )
 from lightning_eff.errors import ConfigError, NoEffectWarning
+from lightning_eff.naming import record_float_keys, tensor_names
 from lightning_eff.validation import check_bool, check_choice
 
 __all__ = [
@@ -245,10 +246,11 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
     else:
         check_embeddings(model, mapping)
     training = model.training
-    if fuse:
-        model = fuse_for_quantization(model, relu6=relu6, example_inputs=inputs, check=check, inplace=inplace)
-    elif not inplace:
+    if not inplace:  # one copy up front: fusion and prepare then move the same tensor objects, so their names are traceable
         model = copy.deepcopy(model)
+    names = tensor_names(model)
+    if fuse:
+        model = fuse_for_quantization(model, relu6=relu6, example_inputs=inputs, check=check, inplace=True)
     if per_channel == "depthwise" and qconfig_mapping is None:
         depthwise = _make_qconfig(engine, qat=qat, per_channel=True, observer=observer, reduce_range=reduce_range)
         for name in depthwise_conv_names(model):  # a fused Conv-BN(-ReLU) keeps the conv's name
@@ -280,6 +282,7 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
             )
     prepared.train(training if qat else False)
     _set_engine(prepared, engine)
+    record_float_keys(prepared, names)  # fused conv.bn.* -> the float network's bn.*, for artifacts users reload
     return prepared
 
 

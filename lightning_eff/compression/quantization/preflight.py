@@ -9,11 +9,12 @@ Example:
     >>> check_engine("qnnpak")
     Traceback (most recent call last):
     ...
-    lightning_eff.errors.ConfigError: engine='qnnpak' is not supported ...Did you mean 'qnnpack'?
+    lightning_eff.errors.ConfigError: engine='qnnpak' is not supported; choose one of ['x86', ...Did you mean 'qnnpack'?
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from lightning_eff.errors import ConfigError, did_you_mean
 
 __all__ = [
+    "int8_kernels_allowed",
     "supported_engines",
     "check_engine",
     "quantized_engine",
@@ -58,30 +60,52 @@ def check_engine(engine: Any, option: str = "engine") -> str:
     return engine
 
 
+_WARNED_DETERMINISM = False
+
+
+@contextlib.contextmanager
+def int8_kernels_allowed() -> Iterator[None]:
+    """Let int8 CPU kernels run inside the block under ``torch.use_deterministic_algorithms(True)``.
+
+    int8 CPU kernels call ``quantized_resize_``, which torch flags as non-deterministic (CPU int8
+    inference is deterministic in practice), and ``Trainer(deterministic=True)`` leaves the global
+    flag on after fit — so conversion, export verification and the report would raise. Inside this
+    block determinism only warns (once per process, saying so); the caller's setting is restored.
+    """
+    global _WARNED_DETERMINISM
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    if strict:
+        if not _WARNED_DETERMINISM:
+            warnings.warn("deterministic algorithms are on (Trainer(deterministic=True)); int8 CPU kernels have no "
+                          "deterministic flag (quantized_resize_), so it is relaxed to warn-only while int8 models are "
+                          "converted, exported, verified and measured, and restored afterwards.", UserWarning, stacklevel=3)
+            _WARNED_DETERMINISM = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        if strict:
+            torch.use_deterministic_algorithms(True)
+
+
 @contextlib.contextmanager
 def quantized_engine(engine: str | None) -> Iterator[str]:
     """Set ``torch.backends.quantized.engine`` for the block and restore it afterwards.
 
     Weight packing happens at ``convert``/load time with the engine active then, and the same
     int8 model can give (slightly) different numbers under another engine, so every FX step
-    runs inside this context. ``None`` leaves the current engine alone.
+    runs inside this context. ``None`` leaves the current engine alone. int8 kernels may run
+    under deterministic mode inside it (:func:`int8_kernels_allowed`).
     """
     previous = torch.backends.quantized.engine
-    # int8 CPU kernels call quantized_resize_, which torch flags as non-deterministic (CPU int8
-    # inference is deterministic in practice); under Trainer(deterministic=True) every int8 call
-    # would raise. Inside this block determinism only warns; the caller's setting is restored.
-    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     if engine is not None:
         check_engine(engine)
         torch.backends.quantized.engine = engine
-    if strict:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield previous if engine is None else engine
+        with int8_kernels_allowed():
+            yield previous if engine is None else engine
     finally:
         torch.backends.quantized.engine = previous
-        if strict:
-            torch.use_deterministic_algorithms(True)
 
 
 def _module_stack_tracer():

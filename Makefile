@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= mobilenet_qat
 EXTRAS ?= dev,export
+# Tests run single-threaded (tests/conftest.py), so one pytest-xdist worker per core uses the machine fully.
+TEST_WORKERS ?= 2
 APT_PACKAGES := dataset-fashion-mnist wordnet-base
 DATA_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -32,15 +34,15 @@ train: setup
 	$(PY) train.py +recipe=$(RECIPE)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # `make test` with every warning an error, so new deprecations (torch, lightning, torchao) surface;
 # CI runs it through .ci/run-strict as a job that is allowed to fail.
 test-strict: setup
-	LIGHTNING_EFF_STRICT_WARNINGS=1 $(PY) -m pytest -q -W error
+	LIGHTNING_EFF_STRICT_WARNINGS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -W error
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not ddp"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not ddp"
 
 bench: setup
 	$(PY) -m lightning_eff.bench footprint --quick

@@ -68,13 +68,19 @@ def target_module(pl_module: nn.Module, attr: str | None = DEFAULT_MODULE_ATTR, 
 
 def set_target_module(pl_module: nn.Module, attr: str | None, model: nn.Module, option: str = "module_attr") -> None:
     """Replace ``pl_module.<attr>`` by ``model`` (graph surgery cannot replace the LightningModule itself)."""
-    if not attr or not isinstance(getattr(pl_module, attr, None), nn.Module):
+    try:
+        current = pl_module.get_submodule(attr) if attr else None
+    except AttributeError:
+        current = None
+    if current is None or current is pl_module:
         names = [n for n, _ in pl_module.named_children()]
         raise ConfigError(
             f"{option}={attr!r}: {type(pl_module).__name__} has no submodule of that name to rewrite; "
-            f"its children are {names}. Wrap the network as an attribute (e.g. self.model) and name it here."
+            f"its children are {names}.{did_you_mean(attr, names) if attr else ''} Wrap the network as an attribute "
+            "(e.g. self.model) and name it here."
         )
-    setattr(pl_module, attr, model)
+    parent, _, name = attr.rpartition(".")
+    setattr(pl_module.get_submodule(parent) if parent else pl_module, name, model)
 
 
 def get_submodule(net: nn.Module, path: str, option: str = "submodule") -> nn.Module:

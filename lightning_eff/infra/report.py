@@ -58,8 +58,7 @@ def describe_model(model: Any) -> str:
         return type(model).__name__
     modules = list(model.modules())
     if any(hasattr(m, "enable_fake_quant") for m in modules):
-        return ("QAT fake-quant training graph (float math simulating int8; not deployable — the qat_int8_* rows "
-                "are the int8 models)")
+        return "QAT fake-quant training graph (not deployable; the qat_int8_* rows are its int8 models)"
     graph = getattr(model, "graph", None)
     if graph is not None and any(n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes):
         return "int8 pt2e graph for XNNPACK/ExecuTorch, run here by eager PyTorch (its .pte artifact is the deployable form)"

@@ -72,11 +72,16 @@ def float_state_dict(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
     fake-quant state is dropped; wrapper prefixes are stripped. A plain network's state dict comes
     back as it is (canonicalised).
     """
-    mapping = float_keys(model) if isinstance(model, nn.Module) else None
-    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    if mapping:
-        return {mapping[k]: v for k, v in state.items() if k in mapping}
-    return {canonical_name(k): v for k, v in state.items() if not is_quant_state_key(k)}
+    if not isinstance(model, nn.Module):
+        return {canonical_name(k): v for k, v in dict(model).items() if not is_quant_state_key(k)}
+    renamed: dict[str, str] = {}  # full key -> float key, from every rewritten graph inside (e.g. a QAT'd submodule)
+    for prefix, module in model.named_modules():
+        mapping = float_keys(module)
+        if mapping:
+            head = f"{prefix}." if prefix else ""
+            renamed.update({head + k: head + v for k, v in mapping.items()})
+    return {canonical_name(renamed.get(k, k)): v for k, v in model.state_dict().items()
+            if k in renamed or not is_quant_state_key(k)}
 
 
 def tensor_names(model: nn.Module) -> dict[int, str]:

@@ -267,3 +267,29 @@ def test_the_report_says_plainly_when_int8_is_slower_and_points_to_the_fastest_a
     assert rows["ptq_int8_x86"]["slower_than_float"] is True and rows["qat_int8_qnnpack"]["slower_than_float"] is False
     assert rows["ptq_int8_x86"]["int8_vs_float_b32"] == 0.5
     assert sentences[-1].endswith("at batch 1: ptq_int8_xnnpack.pte (0.2 ms)")  # the unverified one is never pointed to
+
+
+def test_a_network_built_in_configure_model_is_found_at_fit_start(tmp_path):
+    class Lazy(UserModule):  # builds its network where Lightning suggests, after the callbacks' setup
+        def __init__(self):
+            super().__init__()
+            del self.net
+
+        def configure_model(self):
+            if not hasattr(self, "net"):
+                self.net = UserNet()
+
+    export = Export(formats=["pt"], module_attr="net", latency=False, verify_examples=3)
+    user_trainer(tmp_path, [export], num_sanity_val_steps=0).fit(Lazy(), datamodule=UserData())
+    assert [a["variant"] for a in export.artifacts()] == ["fp32"] and export.artifacts()[0]["verified"] is True
+
+
+def test_float_names_come_back_from_a_rewritten_graph_nested_inside_a_module():
+    from lightning_eff.compression.quantization.fx import prepare_qat_fx_model
+    from lightning_eff.naming import float_state_dict
+
+    holder = torch.nn.Module()
+    holder.head = torch.nn.Linear(10, 2)
+    holder.body = prepare_qat_fx_model(UserNet().train(), torch.randn(2, 1, 12, 12), engine="x86")
+    names = set(float_state_dict(holder))
+    assert names == {f"body.{k}" for k in UserNet().state_dict()} | {"head.weight", "head.bias"}

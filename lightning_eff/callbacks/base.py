@@ -7,7 +7,8 @@ place, at ``setup()`` (before any training), and refused with the attributes tha
 modules and a did-you-mean. The base also gives every callback the same ``state_key`` helper,
 so two instances with different options coexist in one checkpoint.
 
-Subclasses call ``super().setup(...)`` (or :meth:`network`) first in their ``setup``.
+The check runs at fit start (after ``configure_model``); callbacks that operate on the network in
+``setup`` call :meth:`network` there and fail at that point.
 """
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ class EffCallback(L.Callback):
         """``pl_module.<module_attr>``, or a :class:`~lightning_eff.errors.ConfigError` naming the attributes that exist."""
         return target_module(pl_module, self.module_attr, who=type(self).__name__)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        self.network(pl_module)  # a wrong module_attr fails here, before any training
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        # A wrong module_attr fails here, before any training step. Not in setup(): Lightning calls the
+        # callbacks' setup before LightningModule.setup()/configure_model(), where a user may build the
+        # network. Callbacks that rewrite the network in setup (QAT, Pruning, Distillation) resolve it there.
+        self.network(pl_module)
 
-    def _state_key_of(self, **options: Any) -> str:
+    def state_key_of(self, **options: Any) -> str:
         """``state_key`` from the options that tell two instances apart (``None`` values left out)."""
         return self._generate_state_key(**{k: v for k, v in options.items() if v is not None})

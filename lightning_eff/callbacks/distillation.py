@@ -203,7 +203,6 @@ class Distillation(EffCallback):
 
     # ------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
         if stage != "fit" or self._patched is not None:
             return
         if not pl_module.automatic_optimization:

@@ -149,8 +149,12 @@ def _is_int8(model: nn.Module) -> bool:
 
 
 def _mark_unverified(entry: dict[str, Any], path: Path) -> None:
-    """Rename a written file that failed (or never finished) verification to ``<name>.unverified.<fmt>``."""
-    if not path.exists():
+    """Rename the file this attempt wrote, which failed (or never finished) verification, to ``<name>.unverified.<fmt>``.
+
+    A failure before the write leaves ``entry`` without a path; a file at ``path`` from an earlier
+    run is then not this attempt's and is left alone.
+    """
+    if "path" not in entry or not path.exists():
         entry.pop("path", None)
         return
     marked = path.with_name(f"{path.stem}.unverified{path.suffix}")
@@ -366,8 +370,6 @@ class Export(EffCallback):
                         f"(max abs error {entry['max_abs_err']:.3g}, top-1 agreement {entry['top1_agreement']:.2f}, "
                         f"CPU {cpu_capability()})")
                 entry["verified"] = True
-            if self.latency:
-                entry["latency_ms_b1"] = measure_latency(artifact, args, warmup=3, repeats=20)
         except Exception as err:  # one failed export must not cost the run (or the other artifacts)
             entry["error"] = f"{type(err).__name__}: {err}"
             entry["verified"] = False
@@ -375,4 +377,11 @@ class Export(EffCallback):
             if self.strict:
                 raise
             rank_zero_warn(f"Export: {variant} -> .{fmt} failed: {entry['error']}")
+        else:
+            path.with_name(f"{path.stem}.unverified{path.suffix}").unlink(missing_ok=True)  # a previous run's failure
+            if self.latency:
+                try:  # a failed timing leaves a verified artifact verified
+                    entry["latency_ms_b1"] = measure_latency(artifact, args, warmup=3, repeats=20)
+                except Exception as err:
+                    entry["latency_error"] = f"{type(err).__name__}: {err}"
         self._artifacts.append(entry)

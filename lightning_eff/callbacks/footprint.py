@@ -150,7 +150,6 @@ class FootprintMonitor(EffCallback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
         # trainer.log_dir broadcasts from rank 0, so every rank must ask for it: here, not in a
         # rank-zero-only hook where the other ranks would never join the collective.
         if self.config.output_dir is not None:

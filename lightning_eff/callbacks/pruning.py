@@ -206,7 +206,6 @@ class Pruning(EffCallback):
 
     # ---------------------------------------------------------------- binding
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        super().setup(trainer, pl_module, stage)
         self._trainer = trainer
         if stage == "fit":
             # Validate selectors now (before training); binding happens again in on_fit_start,

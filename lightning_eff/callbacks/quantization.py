@@ -189,6 +189,7 @@ class QuantizationAwareTraining(EffCallback):
         self._net: nn.Module | None = None
         self._pt2e_training = False
         self._counters: dict[str, torch.Tensor] = {}
+        self._bn_frozen_once = False
         self._applied: tuple | None = None
         self._converted: dict[str, nn.Module] = {}
         self._converted_at: int | None = None
@@ -196,12 +197,10 @@ class QuantizationAwareTraining(EffCallback):
 
     @property
     def state_key(self) -> str:  # noqa: D102
-        extra = {"submodule": self.submodule} if self.submodule else {}
-        return self._generate_state_key(flow=self.flow, engines=tuple(self.engines), module_attr=self.module_attr, **extra)
+        return self.state_key_of(flow=self.flow, engines=tuple(self.engines), module_attr=self.module_attr, submodule=self.submodule)
 
     # ---------------------------------------------------------------- surgery
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        super().setup(trainer, pl_module, stage)
         _check_precision(trainer, "QuantizationAwareTraining")
         self._trainer = trainer
         net = self.network(pl_module)
@@ -261,9 +260,11 @@ class QuantizationAwareTraining(EffCallback):
         fake_quant, observers, bn_frozen = flags
         set_fake_quant(self._prepared, fake_quant)
         set_observers(self._prepared, observers)
-        was_frozen = self._applied[2] if self._applied is not None else False
-        if self.flow == "fx" and bn_frozen != was_frozen:
+        if self.flow == "fx" and (bn_frozen if self._applied is None else bn_frozen != self._applied[2]):
             freeze_bn_stats(self._prepared, bn_frozen)
+        elif self.flow == "fx" and self._applied is None and self._bn_frozen_once:
+            freeze_bn_stats(self._prepared, False)  # a later fit whose schedule starts unfrozen again
+        self._bn_frozen_once = self._bn_frozen_once or bn_frozen
         self._applied = flags
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -426,7 +427,6 @@ class PostTrainingQuantization(EffCallback):
         self._pl_module: L.LightningModule | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        super().setup(trainer, pl_module, stage)
         self._trainer, self._pl_module = trainer, pl_module
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

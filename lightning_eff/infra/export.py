@@ -57,7 +57,7 @@ __all__ = [
     "load_artifact",
     "read_metadata",
     "verify_artifact",
-    "sqnr_db",
+    "sqnr_from_sums",
     "perturbed_inputs",
     "Artifact",
 ]
@@ -174,18 +174,22 @@ def _resolve_method(model: Any, method: str) -> str:
     return "script" if isinstance(model, torch.fx.GraphModule) else "trace"
 
 
+_TENSOR_NAMES = ("torch.Tensor", "Tensor")  # string annotations (``from __future__ import annotations``)
+
+
 def _drop_fx_annotations(model: nn.Module) -> None:
     """Remove type annotations from FX graphs before scripting.
 
     FX copies the user's ``forward(self, x: torch.Tensor) -> torch.Tensor`` annotations into the
     generated code as mangled globals (``_torch_Tensor_``), which TorchScript cannot resolve
-    ("Unknown type name"); without them TorchScript infers ``Tensor``, the same thing.
+    ("Unknown type name"); without them TorchScript infers ``Tensor``, the same thing. Only plain
+    ``Tensor`` annotations are dropped (``Optional[Tensor]`` would change meaning).
     """
     for module in model.modules():
         if isinstance(module, torch.fx.GraphModule):
             changed = False
             for node in module.graph.nodes:
-                if node.op in ("placeholder", "output") and node.type is not None:
+                if node.op in ("placeholder", "output") and (node.type is torch.Tensor or node.type in _TENSOR_NAMES):
                     node.type = None
                     changed = True
             if changed:
@@ -569,8 +573,7 @@ def perturbed_inputs(example_inputs: Any, n: int = 2, *, scale: float = 0.5, see
     return out
 
 
-@torch.no_grad()
-def sqnr_db(signal: float, noise: float) -> float:
+def sqnr_from_sums(signal: float, noise: float) -> float:
     """Signal-to-quantization-noise ratio in dB from summed squares (``inf`` without noise, ``-inf`` without signal)."""
     if noise <= 0.0:
         return float("inf")
@@ -579,6 +582,7 @@ def sqnr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+@torch.no_grad()
 def verify_artifact(
     reference_model: Any,
     artifact_callable: Any,
@@ -636,7 +640,7 @@ def verify_artifact(
         "top1_agreement": agree / total if total else float("nan"),
         "max_abs_err": max_err,
         "mean_abs_err": abs_sum / max(count, 1),
-        "sqnr_db": sqnr_db(signal, noise),
+        "sqnr_db": sqnr_from_sums(signal, noise),
         "batches": len(batches),
         "samples": total,
     }

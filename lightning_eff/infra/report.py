@@ -81,6 +81,8 @@ def int8_speed(rows: Mapping[str, Mapping[str, Any]], artifacts: Sequence[Mappin
     """
     sentences: list[str] = []
     base = rows.get(float_row) or {}
+    if not str(base.get("model", "")).startswith("float network"):
+        base = {}  # e.g. a one-stage QAT run, whose trained row is the fake-quant graph: no float source to compare
     cpu = cpu_capability()
     for name, row in rows.items():
         if not is_int8_description(str(row.get("model", ""))):

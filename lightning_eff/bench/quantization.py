@@ -10,7 +10,7 @@ interleaved rounds (neighbour processes slow down every variant alike):
 * x86: our timm ``mobilenetv2_100`` int8 TorchScript vs torchvision's int8 TorchScript
   (latency and file bytes), and vs our fp32 eager model / fp32 TorchScript bytes;
 * qnnpack: our int8 vs fp32 eager;
-* ExecuTorch (XNNPACK): pt2e int8 ``.pte`` vs fp32 ``.pte``;
+* ExecuTorch (XNNPACK): pt2e int8 ``.pte`` vs fp32 ``.pte``, ours and torchvision's MobileNetV2 (the peer);
 * QAT training-step overhead (QAT step time / fp32 step time);
 * the same generic path on timm ``mobilenetv3_large_100``, ``efficientnet_b0``, ``resnet18``
   (convert, export, verify on perturbed inputs; latency / bytes ratios);
@@ -18,7 +18,8 @@ interleaved rounds (neighbour processes slow down every variant alike):
   ``make train``, timm ``mobilenetv3_small_100``) at batch 1 and 32, for the x86 engine (FBGEMM,
   oneDNN on VNNI CPUs), FBGEMM forced, QNNPACK and ExecuTorch int8. ``worst_int8_vs_fp32`` is the
   slowest x86-CPU int8 form (x86, fbgemm, ExecuTorch) relative to fp32 eager over every architecture
-  and batch size (target < 1); the JSON names the fastest int8 form per architecture and batch.
+  and batch size, and the ExecuTorch int8 ``.pte`` of MobileNetV2 against its fp32 ``.pte``
+  (target < 1); the JSON names the fastest int8 form per architecture and batch.
 
 Models are randomly initialised (no downloads); QAT runs a few steps on random data, enough
 for observers and BN statistics, not for accuracy. Latency and size do not depend on weights.
@@ -130,19 +131,29 @@ def _step_time(model: nn.Module, batch: int, size: int, steps: int) -> float:
 
 
 def _executorch(float_model: nn.Module, x: torch.Tensor, folder: Path, rounds: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Our model's int8 vs fp32 ``.pte``, and the same pair for torchvision's hand-written MobileNetV2 (the peer)."""
+    from torchvision.models import mobilenet_v2  # the plain model: the quantizable one carries torch.ao stubs
+
     from lightning_eff.infra.export import export_executorch
 
-    fp32 = export_executorch(float_model, (x,), folder / "fp32.pte")
+    torch.manual_seed(0)
+    peer = mobilenet_v2(weights=None).eval()
     calib = [x] + [b[0] for b in perturbed_inputs(x, 3, seed=11)]
-    int8 = export_executorch(float_model, (x,), folder / "int8.pte", int8=True, calibration=calib)
-    arts = {"fp32": load_artifact(fp32), "int8": load_artifact(int8)}
+    paths = {}
+    for name, model in (("ours", float_model), ("torchvision", peer)):
+        paths[f"{name}_fp32"] = export_executorch(model, (x,), folder / f"{name}_fp32.pte")
+        paths[f"{name}_int8"] = export_executorch(model, (x,), folder / f"{name}_int8.pte", int8=True, calibration=calib)
+    arts = {k: load_artifact(p) for k, p in paths.items()}
     lat = _interleaved({k: (a, None) for k, a in arts.items()}, x, rounds, repeats, threads)
-    check = verify_artifact(float_model, arts["int8"], perturbed_inputs(x, 2, seed=5))
+    check = verify_artifact(float_model, arts["ours_int8"], perturbed_inputs(x, 2, seed=5))
     return {
-        "fp32_ms": lat["fp32"], "int8_ms": lat["int8"],
-        "fp32_bytes": file_bytes(fp32), "int8_bytes": file_bytes(int8),
-        "int8_vs_fp32": round(lat["int8"] / lat["fp32"], 3),
+        "fp32_ms": lat["ours_fp32"], "int8_ms": lat["ours_int8"],
+        "fp32_bytes": file_bytes(paths["ours_fp32"]), "int8_bytes": file_bytes(paths["ours_int8"]),
+        "int8_vs_fp32": round(lat["ours_int8"] / lat["ours_fp32"], 3),
         "int8_top1_agreement_vs_float": check["top1_agreement"],
+        "int8_sqnr_db_vs_float": check["sqnr_db"],
+        "torchvision_fp32_ms": lat["torchvision_fp32"], "torchvision_int8_ms": lat["torchvision_int8"],
+        "torchvision_int8_vs_fp32": round(lat["torchvision_int8"] / lat["torchvision_fp32"], 3),
     }
 
 
@@ -323,10 +334,14 @@ def main(argv: list[str] | None = None) -> dict:
         "int8_bytes_vs_fp32": sizes["ours_x86"] / sizes["fp32_torchscript"],
         "qnnpack_latency_vs_fp32": lat["ours_qnnpack"] / lat["fp32_eager"],
         "executorch_int8_vs_fp32": details.get("executorch", {}).get("int8_vs_fp32"),
+        # the same pt2e -> XNNPACK path on torchvision's hand-written MobileNetV2: what the CPU allows
+        "executorch_torchvision_int8_vs_fp32": details.get("executorch", {}).get("torchvision_int8_vs_fp32"),
         "qat_step_overhead": qat_step / fp32_step,
     }
     # The slowest x86 int8 form relative to fp32 over every architecture and batch size measured (target < 1).
     pairs = [("mobilenetv2_100", "b1", "x86", result["x86_latency_vs_fp32"])]
+    if result["executorch_int8_vs_fp32"] is not None:  # int8 .pte against the fp32 .pte of the same runtime
+        pairs.append(("mobilenetv2_100", "b1", "executorch_vs_fp32_pte", result["executorch_int8_vs_fp32"]))
     for arch, entry in details.get("int8_vs_fp32", {}).items():
         for batch, ratios in entry["ratios"].items():
             pairs += [(arch, batch, form, r) for form, r in ratios.items() if form in X86_INT8_FORMS]

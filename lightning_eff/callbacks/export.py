@@ -55,7 +55,7 @@ from lightning_eff.callbacks.common import (
     submodule_inputs,
     to_cpu,
 )
-from lightning_eff.compression.quantization.fx import model_engine
+from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8, model_engine
 from lightning_eff.compression.quantization.preflight import int8_kernels_allowed
 from lightning_eff.errors import ConfigError
 from lightning_eff.infra import export as ex
@@ -67,18 +67,6 @@ __all__ = ["Export", "FORMATS", "float_from_fx_qat", "fake_quant_clamp"]
 FORMATS = ["pt", "ptl", "pte", "onnx"]
 _QAT_PTE = "qat_weights_ptq_int8_xnnpack"  # FX QAT-trained weights, pt2e PTQ-calibrated, XNNPACK int8
 log = logging.getLogger(__name__)
-
-
-def _is_fake_quant(model: nn.Module) -> bool:
-    return any(hasattr(m, "enable_fake_quant") for m in model.modules())
-
-
-def _is_pt2e_int8(model: nn.Module) -> bool:
-    """A pt2e-converted graph: Q/DQ ops from ``quantized_decomposed`` (FX int8 graphs use torch.quantize_per_*)."""
-    graph = getattr(model, "graph", None)
-    return graph is not None and any(
-        n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes
-    )
 
 
 def _is_fx_qat(model: nn.Module) -> bool:
@@ -255,7 +243,7 @@ class Export(EffCallback):
     def _models(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
         models: dict[str, nn.Module] = {}
         net = self.network(pl_module)
-        if self.include_float and not _is_fake_quant(net):
+        if self.include_float and not is_fake_quant(net):
             models["fp32"] = cpu_copy(net)
         for cb in trainer.callbacks:
             fn = getattr(cb, "deployable_models", None)
@@ -316,7 +304,7 @@ class Export(EffCallback):
                     rank_zero_warn(f"Export: {variant} not exported: {err}")
                     continue
             int8 = _is_int8(model)
-            pt2e_q = _is_pt2e_int8(model)
+            pt2e_q = is_pt2e_int8(model)
             for fmt in self.formats:
                 if fmt == "pte" and int8 and not pt2e_q:
                     log.info("Export: %s is a torch.ao int8 model; torch.export cannot capture it, no .pte", variant)
@@ -326,7 +314,7 @@ class Export(EffCallback):
                 if fmt == "onnx" and int8:
                     continue
                 self._export_one(variant, model, fmt, out_dir, example, verify_batch if fmt in ("pt", "ptl") else verify_single)
-        if "pte" in self.formats and self.int8_pte and not self.submodule and not any(_is_pt2e_int8(m) for m in models.values()):
+        if "pte" in self.formats and self.int8_pte and not self.submodule and not any(is_pt2e_int8(m) for m in models.values()):
             net = self.network(pl_module)
             if "fp32" in models:
                 self._export_one("ptq_int8_xnnpack", models["fp32"], "pte", out_dir, example, verify_single,

@@ -318,17 +318,8 @@ class QuantizationAwareTraining(EffCallback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._after_evaluation()
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._freeze_for_evaluation()
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._after_evaluation()
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._freeze_for_evaluation()
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._after_evaluation()
+    on_test_start = on_predict_start = on_validation_start
+    on_test_end = on_predict_end = on_validation_end
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         # After fit the model is evaluated, exported or called by hand: nothing may move its ranges.

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_eff.compression.pruning.speed import sparsity_latency, weight_zero_fraction
-from lightning_eff.compression.quantization.fx import model_engine
+from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8, model_engine
 from lightning_eff.compression.quantization.preflight import quantized_engine
 from lightning_eff.infra.footprint import cpu_capability, cpu_flags, measure_footprint
 from lightning_eff.tasks.classification import call_model, split_batch
@@ -57,10 +57,9 @@ def describe_model(model: Any) -> str:
     if not isinstance(model, nn.Module):
         return type(model).__name__
     modules = list(model.modules())
-    if any(hasattr(m, "enable_fake_quant") for m in modules):
+    if is_fake_quant(model):
         return "QAT fake-quant training graph (not deployable; the qat_int8_* rows are its int8 models)"
-    graph = getattr(model, "graph", None)
-    if graph is not None and any(n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes):
+    if is_pt2e_int8(model):
         return "int8 pt2e graph for XNNPACK/ExecuTorch, run here by eager PyTorch (its .pte artifact is the deployable form)"
     engine = model_engine(model)
     if engine is not None and any("quantized" in type(m).__module__ for m in modules):

@@ -374,6 +374,7 @@ def fuse_for_quantization(
     rtol: float = 1e-4,
     inplace: bool = False,
     rewrites: Mapping[type, Rewrite] | None = None,
+    reference: nn.Module | None = None,
 ) -> nn.Module:
     """Rewrite a model so that PyTorch's Conv-BN(-ReLU) fusion patterns match it.
 
@@ -397,6 +398,8 @@ def fuse_for_quantization(
         inplace: modify ``model`` itself instead of a copy.
         rewrites: ``{module class: fn(module) -> module}`` rules; default :func:`default_rewrites`.
             Supply your own for custom norm+act blocks.
+        reference: an unmodified equal model for the check when ``inplace=True`` (default: a deep copy),
+            e.g. the original a caller already copied ``model`` from.
 
     Returns:
         The rewritten model (``model`` itself when ``inplace=True``).
@@ -417,7 +420,8 @@ def fuse_for_quantization(
             raise ConfigError(f"rewrites must map nn.Module classes to callables; got {cls!r}: {fn!r}.")
     original = model
     target = model if inplace else copy.deepcopy(model)
-    reference = copy.deepcopy(model) if (inplace and check) else original
+    if reference is None:
+        reference = copy.deepcopy(model) if (inplace and check) else original
     done = _rewrite(target, rules)
     replace_identities(target)
     if check and done:

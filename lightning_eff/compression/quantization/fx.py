@@ -246,11 +246,12 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
     else:
         check_embeddings(model, mapping)
     training = model.training
+    original = None
     if not inplace:  # one copy up front: fusion and prepare then move the same tensor objects, so their names are traceable
-        model = copy.deepcopy(model)
+        original, model = model, copy.deepcopy(model)
     names = tensor_names(model)
-    if fuse:
-        model = fuse_for_quantization(model, relu6=relu6, example_inputs=inputs, check=check, inplace=True)
+    if fuse:  # the untouched original is the equivalence check's reference: no second copy
+        model = fuse_for_quantization(model, relu6=relu6, example_inputs=inputs, check=check, inplace=True, reference=original)
     if per_channel == "depthwise" and qconfig_mapping is None:
         depthwise = _make_qconfig(engine, qat=qat, per_channel=True, observer=observer, reduce_range=reduce_range)
         for name in depthwise_conv_names(model):  # a fused Conv-BN(-ReLU) keeps the conv's name
@@ -455,6 +456,17 @@ def convert_fx_model(prepared: torch.fx.GraphModule, *, engine: str | None = Non
     remove_identities(quantized)
     _set_engine(quantized, engine)
     return quantized.eval()
+
+
+def is_fake_quant(model: nn.Module) -> bool:
+    """Whether ``model`` carries fake-quant modules (a QAT-prepared training graph, not a deployable model)."""
+    return any(hasattr(m, "enable_fake_quant") for m in model.modules())
+
+
+def is_pt2e_int8(model: nn.Module) -> bool:
+    """A pt2e-converted graph: Q/DQ ops from ``quantized_decomposed`` (FX int8 graphs use torch.quantize_per_*)."""
+    graph = getattr(model, "graph", None)
+    return graph is not None and any(n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes)
 
 
 def _switch(model: nn.Module, on: str, off: str, enabled: bool, what: str) -> int:

@@ -35,8 +35,8 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:  # a clean message, not a stack trace (Hydra would print one)
         print(f"Configuration error: {err}", file=sys.stderr)
         sys.exit(2)
-    # Sweepers optimise the returned value: test accuracy of the final model.
-    return result["metrics"].get("test/acc")
+    # Sweepers optimise the returned value: the config's optimized_metric (default test/acc), checked before training.
+    return result["objective"]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ from lightning_eff.callbacks import (
     QuantizationAwareTraining,
     WeightOnlyQuantization,
 )
-from lightning_eff.compression.pruning import load_sparse, prune, prune_channels, save_sparse
+from lightning_eff.compression.pruning import (
+    load_sparse,
+    prune,
+    prune_channels,
+    save_sparse,
+)
 from lightning_eff.data import (
     CIFAR10DataModule,
     FashionMNISTDataModule,
@@ -23,8 +28,19 @@ from lightning_eff.data import (
     TextFileDataModule,
     WordNetSupersenseDataModule,
 )
-from lightning_eff.errors import ConfigError, DataNotFoundError, ExportUnavailableError, NoEffectWarning
-from lightning_eff.infra.footprint import count_macs, count_nonzero_parameters, count_parameters, measure_footprint, measure_latency
+from lightning_eff.errors import (
+    ConfigError,
+    DataNotFoundError,
+    ExportUnavailableError,
+    NoEffectWarning,
+)
+from lightning_eff.measure import (
+    count_macs,
+    count_nonzero_parameters,
+    count_parameters,
+    measure_footprint,
+    measure_latency,
+)
 from lightning_eff.models import create_model, list_models, register_model
 from lightning_eff.tasks import ClassificationTask
 

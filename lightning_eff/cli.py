@@ -5,8 +5,11 @@
 
 Config layout (see ``conf/train.yaml``): ``data`` / ``task`` / every ``callbacks.<name>`` are
 ``_target_`` nodes; ``model`` is a registry spec ``{name: ..., **kwargs}``; ``trainer`` holds
-``lightning.Trainer`` arguments; ``finetune`` optionally runs a second fit stage (e.g. QAT) on the
-trained model with its own callbacks.
+``lightning.Trainer`` arguments (``trainer.strategy`` and each of ``trainer.plugins`` may be
+``_target_`` nodes); ``stages`` lists the stages of the run (teacher -> student, fit -> QAT
+fine-tuning, ...; see :mod:`lightning_eff.stages`); ``optimized_metric`` names the logged metric a
+sweep optimises (checked before training). ``run(cfg, extra_callbacks=[...])`` adds callbacks (a
+sweep's pruner or early stopping) to the last stage, the one whose metrics are returned.
 
 Example:
     >>> from lightning_eff.cli import compose, run
@@ -29,11 +32,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_eff.atomic import AtomicCheckpointIO, write_results
 from lightning_eff.errors import ConfigError, did_you_mean
-from lightning_eff.infra.checkpoint_io import AtomicCheckpointIO
-from lightning_eff.infra.footprint import format_table, write_results
-from lightning_eff.infra.report import build_report, evaluate_accuracy
+from lightning_eff.measure import format_table
 from lightning_eff.models import list_models, model_signature
+from lightning_eff.report import build_report, evaluate_accuracy
+from lightning_eff.stages import Stage, copy_backbone, plan_stages
 from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "data_shaped", "REPO_ROOT"]
@@ -46,8 +50,9 @@ RECIPE_DIR = REPO_ROOT / "recipes"
 
 TOP_LEVEL_KEYS = {
     "name", "seed", "data", "model", "task", "trainer", "callbacks", "finetune", "run_dir",
-    "test_after_fit", "print_report", "ckpt_path", "report", "teacher",
+    "test_after_fit", "print_report", "ckpt_path", "report", "teacher", "stages", "optimized_metric",
 }
+DEFAULT_OPTIMIZED_METRIC = "test/acc"
 # A teacher stage (distillation recipes): train or load the teacher, then hand it to Distillation.
 TEACHER_KEYS = {"model", "checkpoint", "max_epochs", "lr", "optimizer", "scheduler", "warmup_fraction",
                 "weight_decay", "limit_train_batches"}
@@ -55,7 +60,7 @@ FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "schedu
 REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches", "sparsity_probe", "sparsity_probe_min"}
 ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "sqnr_db", "verified", "error"]
 # Trainer arguments the CLI owns (it builds them from other config groups).
-_TRAINER_RESERVED = {"self", "callbacks", "logger", "plugins"}
+_TRAINER_RESERVED = {"self", "callbacks", "logger"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,27 +152,70 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         _check_node_keys("teacher", teacher, TEACHER_KEYS)
         if teacher.get("model") is None and teacher.get("checkpoint") is None:
             raise ConfigError("teacher needs a model spec (to train it here) or a checkpoint (.ckpt or Hugging Face folder).")
-        if teacher.get("model") is not None:
-            _check_model("teacher.model", teacher["model"])
+    finetune = c.get("finetune")
+    if finetune is not None:
+        _check_node_keys("finetune", finetune, FINETUNE_KEYS)
     _check_target_node("task", c.get("task"), extra=["model"])
     trainer = c.get("trainer") or {}
     valid_trainer = set(inspect.signature(L.Trainer.__init__).parameters) - _TRAINER_RESERVED
     _check_node_keys("trainer", trainer, valid_trainer)
+    if isinstance(trainer.get("strategy"), Mapping):
+        _check_target_node("trainer.strategy", trainer["strategy"])
+    plugins = trainer.get("plugins")
+    for i, node in enumerate([] if plugins is None else plugins if isinstance(plugins, list) else [plugins]):
+        if isinstance(node, Mapping):
+            _check_target_node(f"trainer.plugins[{i}]", node)
     for name, node in (c.get("callbacks") or {}).items():
         if node is not None:
             _check_target_node(f"callbacks.{name}", node)
-    finetune = c.get("finetune")
-    if finetune is not None:
-        _check_node_keys("finetune", finetune, FINETUNE_KEYS)
-        for name, node in (finetune.get("callbacks") or {}).items():
+    for stage in plan_stages(c):
+        key = f"stages.{stage.name}" if c.get("stages") is not None else ("finetune" if stage.continues else stage.name)
+        if isinstance(stage.model, Mapping):
+            _check_model(f"{key}.model", stage.model)
+        _check_node_keys(f"{key}.trainer", stage.trainer, valid_trainer)
+        for name, node in stage.callbacks.items():
             if node is not None:
-                _check_target_node(f"finetune.callbacks.{name}", node)
+                _check_target_node(f"{key}.callbacks.{name}", node)
+    check_optimized_metric(c)
     _check_node_keys("report", c.get("report") or {}, REPORT_KEYS)
     report = c.get("report") or {}
     if "sparsity_probe" in report:  # checked before training, not in the report after it
         check_bool("report.sparsity_probe", report["sparsity_probe"])
     if "sparsity_probe_min" in report:
         check_number("report.sparsity_probe_min", report["sparsity_probe_min"], low=0.0, high=1.0)
+
+
+def known_metrics(c: Mapping[str, Any]) -> list[str] | None:
+    """The metric names a run of ``c`` will log, as far as known before training (``None``: the task does not say).
+
+    The task class's ``LOGGED_METRICS``, plus ``<stage>/test_acc`` of every stage with ``test: true``
+    (a teacher stage). A task class without ``LOGGED_METRICS`` is checked after the run instead.
+    """
+    task_cls = _import_target(c["task"]["_target_"], "task") if isinstance(c.get("task"), Mapping) else None
+    logged = getattr(task_cls, "LOGGED_METRICS", None)
+    if logged is None:
+        return None
+    stage_metrics = [f"{s.name}/test_acc" for s in plan_stages(c) if s.test]
+    names = list(logged) + stage_metrics
+    if not c.get("test_after_fit", True):
+        names = [n for n in names if not n.startswith("test/")]
+    return names
+
+
+def check_optimized_metric(c: Mapping[str, Any]) -> str:
+    """``optimized_metric`` (default ``test/acc``), refused before training when the run will not log it.
+
+    Raises:
+        ConfigError: a name the run does not log, with the list of valid names.
+    """
+    metric = c.get("optimized_metric") or DEFAULT_OPTIMIZED_METRIC
+    if not isinstance(metric, str):
+        raise ConfigError(f"optimized_metric={metric!r} must be the name of a logged metric (e.g. 'test/acc').")
+    names = known_metrics(c)
+    if names is not None and metric not in names:
+        hint = " (test metrics need test_after_fit=true)" if metric.startswith("test/") and not c.get("test_after_fit", True) else ""
+        raise ConfigError(f"optimized_metric={metric!r} is not logged by this run{hint}; valid names: {names}.{did_you_mean(metric, names)}")
+    return metric
 
 
 def _check_model(key: str, model: Any) -> None:
@@ -226,51 +274,39 @@ def data_shaped(model_spec: dict, datamodule: Any) -> dict:
     return model_spec
 
 
-def _teacher_stage(c: dict, datamodule: Any, run_dir: Path, multirun: bool) -> tuple[Any, str, dict]:
-    """Load the configured teacher checkpoint, or train the teacher on the same data and save it.
+def _load_stage_network(stage: Stage, datamodule: Any) -> tuple[Any, str]:
+    """A stage with ``checkpoint``: its network loaded, not trained (``.ckpt``, HF folder, or a state dict + ``model``)."""
+    from lightning_eff.models.loading import load_model
 
-    Returns ``(teacher module, checkpoint path, {"teacher/test_acc": ...})``; the teacher checkpoint is
-    written atomically to ``<run_dir>/teacher/teacher.ckpt`` so a failed student run never loses it.
-    """
-    from lightning_eff.learning.distillation.teacher import load_teacher
+    path = str(stage.checkpoint)
+    spec: Any = path
+    if not (path.endswith(".ckpt") or Path(path).expanduser().is_dir()):  # a plain state-dict file
+        if not isinstance(stage.model, Mapping):
+            raise ConfigError(f"{stage.name}.checkpoint={path!r} is a state-dict file; give {stage.name}.model to build it.")
+        spec = data_shaped(dict(stage.model, checkpoint=path), datamodule)
+    return load_model(spec, option=f"{stage.name}"), path
 
-    t = c["teacher"]
-    if t.get("checkpoint") is not None:
-        path = str(t["checkpoint"])
-        spec: Any = path
-        if not (path.endswith(".ckpt") or Path(path).expanduser().is_dir()):  # a plain state-dict file
-            if t.get("model") is None:
-                raise ConfigError(f"teacher.checkpoint={path!r} is a state-dict file; give teacher.model to build it.")
-            spec = data_shaped(dict(t["model"], checkpoint=path), datamodule)
-        teacher = load_teacher(spec)
-    else:
-        task_node = dict(c["task"])
-        for key in ("lr", "optimizer", "scheduler", "warmup_fraction", "weight_decay"):
-            if t.get(key) is not None:
-                task_node[key] = t[key]
-        teacher_task = build(task_node, "task", model=data_shaped(dict(t["model"]), datamodule))
-        trainer_cfg = dict(c.get("trainer") or {})
-        trainer_cfg.update({k: t[k] for k in ("max_epochs", "limit_train_batches") if t.get(k) is not None})
-        trainer_cfg["enable_checkpointing"] = False
-        t_trainer = _trainer(trainer_cfg, [], run_dir / "teacher", multirun)
-        t_trainer.fit(teacher_task, datamodule=datamodule)
-        path = str(run_dir / "teacher" / "teacher.ckpt")
-        t_trainer.save_checkpoint(path)
-        teacher = teacher_task.model
-    acc = evaluate_accuracy(copy.deepcopy(teacher).cpu().eval(), datamodule.test_dataloader(),
-                            2 if (c.get("trainer") or {}).get("fast_dev_run") else (c.get("report") or {}).get("eval_batches"))
-    log.info("teacher test accuracy %.4f (%s)", acc, path)
-    return teacher, path, {"teacher/test_acc": acc}
+
+def _stage_eval(c: dict) -> int | None:
+    return 2 if (c.get("trainer") or {}).get("fast_dev_run") else (c.get("report") or {}).get("eval_batches")
 
 
 def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) -> L.Trainer:
     trainer_cfg = dict(trainer_cfg)
-    strategy = str(trainer_cfg.get("strategy", "auto"))
-    if multirun and strategy.startswith("ddp") and "spawn" not in strategy:
+    strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, Mapping):  # a _target_ node: a configured Strategy object
+        strategy = trainer_cfg["strategy"] = build(strategy, "trainer.strategy")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__.lower()
+    if multirun and name.startswith("ddp") and "spawn" not in name:
         # A Hydra multirun child that launches DDP by re-executing the command line re-runs the
         # whole sweep from every rank (lightning-hydra-template #393): spawn keeps ranks in-process.
-        warnings.warn(f"trainer.strategy={strategy!r} inside a Hydra multirun re-launches the sweep; using 'ddp_spawn'.", stacklevel=2)
+        warnings.warn(f"trainer.strategy={name!r} inside a Hydra multirun re-launches the sweep; using 'ddp_spawn'.", stacklevel=2)
         trainer_cfg["strategy"] = "ddp_spawn"
+    plugins = trainer_cfg.pop("plugins", None)
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    plugins = [build(p, f"trainer.plugins[{i}]") if isinstance(p, Mapping) else p for i, p in enumerate(plugins)]
+    if not any(isinstance(p, L.pytorch.plugins.io.CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     logger = False
     if not trainer_cfg.get("fast_dev_run"):
         from lightning.pytorch.loggers import CSVLogger
@@ -278,71 +314,100 @@ def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) 
         logger = CSVLogger(save_dir=str(run_dir), name="", version="")
     trainer_cfg.setdefault("default_root_dir", str(run_dir))
     try:
-        return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
+        return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"trainer: {err}") from err
 
 
-def run(cfg: DictConfig | Mapping, multirun: bool = False) -> dict[str, Any]:
-    """Validate ``cfg``, build data/task/callbacks/trainer, fit, test and write the footprint report.
+def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Validate ``cfg``, then run its stages (build data/task/callbacks/trainer, fit), test and write the report.
 
     Args:
         cfg: a composed config (``compose(...)`` or Hydra's ``cfg``).
         multirun: set by ``train.py`` inside a Hydra multirun (guards DDP re-launch).
+        extra_callbacks: callbacks added to the last stage (a sweep's trial pruner, early stopping, ...).
 
     Returns:
-        Plain dict: ``metrics`` (logged values), ``report`` (one footprint row per model variant),
-        ``run_dir`` and ``artifacts``.
+        Plain dict: ``metrics`` (logged values), ``optimized_metric`` and its ``objective`` value,
+        ``stages`` (the names run), ``report`` (one footprint row per model variant), ``run_dir``
+        and ``artifacts``.
     """
     validate_config(cfg)
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+    plan = plan_stages(c)
+    optimized = check_optimized_metric(c)
     run_dir = Path(c.get("run_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(c.get("seed", 0)), workers=True, verbose=False)
 
     datamodule = build(c["data"], "data")
     datamodule.setup("fit")
-    teacher, teacher_path, teacher_metrics = None, None, {}
-    if c.get("teacher"):
-        teacher, teacher_path, teacher_metrics = _teacher_stage(c, datamodule, run_dir, multirun)
-    model_spec = data_shaped(dict(c["model"]), datamodule)
-    if model_spec.get("init_from") == "teacher":  # a student initialised from this run's teacher
-        model_spec["init_from"] = teacher_path
-    task = build(c["task"], "task", model=model_spec)
+    teacher, teacher_path, handed = None, None, None  # handed: (kind, network) for the next stage
+    task, fp32_model, stage_metrics = None, None, {}
+    executed: list[tuple[Stage, L.Trainer, list[L.Callback]]] = []
+    for index, stage in enumerate(plan):
+        last = index == len(plan) - 1
+        stage_dir = run_dir if stage.main else run_dir / stage.name
+        if stage.checkpoint is not None and not stage.continues:  # loaded, not trained
+            if last:
+                raise ConfigError(f"stages.{stage.name}: the last stage must train (it has a checkpoint and nothing to fit).")
+            network, path = _load_stage_network(stage, datamodule)
+        else:
+            if stage.continues:
+                # e.g. QAT fine-tuning: a copy of the float model first, the report's fp32 baseline row
+                fp32_model = copy.deepcopy(task.model).cpu().eval()
+                task.hparams.lr = float(stage.task.get("lr", task.hparams.lr * 0.1))
+                for hp, value in stage.task.items():
+                    if hp != "lr":
+                        task.hparams[hp] = value
+            else:
+                spec = data_shaped(dict(stage.model or c["model"]), datamodule)
+                if spec.get("init_from") == "teacher":  # a student initialised from this run's teacher
+                    if teacher_path is None:
+                        raise ConfigError(f"stages.{stage.name}: model.init_from=teacher, but no earlier stage hands over a teacher.")
+                    spec["init_from"] = teacher_path
+                task_node = {**dict(c["task"]), **stage.task}
+                task = build(task_node, "task", model=spec)
+                if handed is not None and handed[0] in ("init", "backbone"):
+                    if handed[0] == "init":
+                        task.model.load_state_dict(handed[1].state_dict())
+                    else:
+                        copied = copy_backbone(handed[1], task.model)
+                        log.info("stage %s: %d tensors of the backbone handed over", stage.name, len(copied))
+            callbacks = _callbacks(c.get("callbacks"), "callbacks", teacher=teacher) if stage.root_callbacks else []
+            callbacks += _callbacks(stage.callbacks, f"stages.{stage.name}.callbacks", teacher=teacher)
+            if last:
+                callbacks += list(extra_callbacks)
+            trainer_cfg = {**dict(c.get("trainer") or {}), **stage.trainer}
+            if "teacher" in stage.hands_over:
+                trainer_cfg["enable_checkpointing"] = False  # its checkpoint is written below, atomically
+            trainer = _trainer(trainer_cfg, callbacks, stage_dir, multirun)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=c.get("ckpt_path") if stage.main else None)
+            executed.append((stage, trainer, callbacks))
+            network, path = task.model, None
+            if stage.hands_over:
+                path = str(stage_dir / f"{stage.name}.ckpt")  # a failed later stage never loses it
+                trainer.save_checkpoint(path)
+        if "teacher" in stage.hands_over:
+            teacher, teacher_path = network, path
+        handed = next(((h, network) for h in stage.hands_over if h in ("init", "backbone")), None)
+        if stage.test and not last:
+            acc = evaluate_accuracy(copy.deepcopy(network).cpu().eval(), datamodule.test_dataloader(), _stage_eval(c))
+            log.info("stage %s: test accuracy %.4f (%s)", stage.name, acc, path)
+            stage_metrics[f"{stage.name}/test_acc"] = acc
 
-    callbacks = _callbacks(c.get("callbacks"), "callbacks", teacher=teacher)
-    trainer = _trainer(c.get("trainer") or {}, callbacks, run_dir, multirun)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=c.get("ckpt_path"))
-    stages = [("fit", trainer, callbacks)]
-
-    fp32_model = None
-    finetune = c.get("finetune")
-    if finetune:
-        # Second stage on the trained model (e.g. QAT fine-tuning). A copy of the float model is
-        # kept first: it is the report's fp32 baseline row.
-        fp32_model = copy.deepcopy(task.model).cpu().eval()
-        ft_trainer_cfg = dict(c.get("trainer") or {})
-        ft_trainer_cfg["max_epochs"] = int(finetune.get("max_epochs", 1))
-        if finetune.get("limit_train_batches") is not None:
-            ft_trainer_cfg["limit_train_batches"] = finetune["limit_train_batches"]
-        task.hparams.lr = float(finetune.get("lr", task.hparams.lr * 0.1))
-        for hp in ("scheduler", "warmup_fraction"):
-            if finetune.get(hp) is not None:
-                task.hparams[hp] = finetune[hp]
-        # Only the stage's own callbacks: a PTQ or pruning callback of the first stage must not run
-        # again on the fine-tuned (e.g. fake-quantized) model.
-        ft_callbacks = _callbacks(finetune.get("callbacks"), "finetune.callbacks")
-        ft_trainer = _trainer(ft_trainer_cfg, ft_callbacks, run_dir / "finetune", multirun)
-        ft_trainer.fit(task, datamodule=datamodule)
-        stages.append(("finetune", ft_trainer, ft_callbacks))
-
-    final_trainer = stages[-1][1]
+    final_trainer = executed[-1][1]
+    fit_metrics = {k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}  # trainer.test() replaces them
     if c.get("test_after_fit", True):
         final_trainer.test(task, datamodule=datamodule, verbose=False)
-    metrics = {**teacher_metrics, **{k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}}
-    report = build_report(task, datamodule, [cb for _, _, cbs in stages for cb in cbs], c.get("report") or {},
+    metrics = {**stage_metrics, **fit_metrics, **{k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}}
+    if optimized not in metrics:  # a task without LOGGED_METRICS: told now, and the trained model is still reported
+        warnings.warn(f"optimized_metric={optimized!r} was not logged by this run (objective = None); logged: {sorted(metrics)}.",
+                      stacklevel=2)
+    report = build_report(task, datamodule, [cb for _, _, cbs in executed for cb in cbs], c.get("report") or {},
                           fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
-    result = {"metrics": metrics, "report": report["rows"], "artifacts": report["artifacts"],
+    result = {"metrics": metrics, "optimized_metric": optimized, "objective": metrics.get(optimized),
+              "stages": [s.name for s in plan], "report": report["rows"], "artifacts": report["artifacts"],
               "sparsity_latency": report["sparsity"], "int8_speed": report["int8_speed"], "cpu": report["cpu"],
               "run_dir": str(run_dir)}
     if final_trainer.is_global_zero:

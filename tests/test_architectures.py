@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_OVERRIDES, needs_wordnet
 
 import lightning_eff.models._register_text  # noqa: F401  (registers pqrnn, prado, lstm, bert_*, plain_cnn)
-from conftest import TINY_OVERRIDES, needs_wordnet
 from lightning_eff.errors import ConfigError
 from lightning_eff.models import create_model
 from lightning_eff.models.baselines import LSTMClassifier
-from lightning_eff.models.conv_cost import layer_ratios, model_ratios, replace_depthwise_with_standard
+from lightning_eff.models.conv_cost import (
+    layer_ratios,
+    model_ratios,
+    replace_depthwise_with_standard,
+)
 from lightning_eff.models.pqrnn import QRNNLayer, masked_pool
 from lightning_eff.models.projection import TernaryProjection, tokenize
 
@@ -206,7 +210,7 @@ def test_tiny_projection_models_learn(name):
 def test_tensor_path_scripts_quantizes_and_verifies(name, tmp_path):
     """The exported encoder equals eager on inputs of another length; dynamic int8 stays close."""
     from lightning_eff.compression.quantization.fx import dynamic_quantize, sqnr_db
-    from lightning_eff.infra.export import export_torchscript
+    from lightning_eff.export import export_torchscript
 
     torch.manual_seed(0)
     net = create_model(name, num_classes=5).eval()
@@ -231,7 +235,7 @@ def test_registry_creates(name):
 
 
 def test_projection_models_are_small():
-    from lightning_eff.infra.footprint import count_parameters
+    from lightning_eff.measure import count_parameters
 
     pq, lstm = create_model("pqrnn", num_classes=26), create_model("lstm", num_classes=26)
     assert count_parameters(lstm) > 10 * count_parameters(pq)
@@ -336,8 +340,8 @@ def test_pqrnn_lstm_kd_recipe_trains_the_teacher_then_distils(tmp_path):
     """One command: the LSTM teacher stage, its logit cache over the raw-text split, then pQRNN distilled from it."""
     from lightning_eff.cli import compose, run
 
-    overrides = [f"run_dir={tmp_path}", "++model.hidden=16", "++model.bottleneck=16", "++teacher.model.vocab_size=500",
-                 "++teacher.model.embed_dim=16", "++teacher.model.hidden=16", "callbacks.ptq=null", "callbacks.ptq_dynamic=null",
+    overrides = [f"run_dir={tmp_path}", "++model.hidden=16", "++model.bottleneck=16", "++stages.teacher.model.vocab_size=500",
+                 "++stages.teacher.model.embed_dim=16", "++stages.teacher.model.hidden=16", "callbacks.ptq=null", "callbacks.ptq_dynamic=null",
                  *TINY_OVERRIDES]
     result = run(compose("pqrnn_lstm_kd", overrides))
     assert (tmp_path / "teacher" / "teacher.ckpt").exists() and (tmp_path / "teacher" / "train_logits.pt").exists()

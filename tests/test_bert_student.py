@@ -4,8 +4,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-
 from conftest import TINY_OVERRIDES, needs_fmnist, needs_wordnet
+
 from lightning_eff import ClassificationTask, ConfigError, Distillation
 from lightning_eff.cli import compose, run
 from lightning_eff.models import create_model
@@ -92,8 +92,8 @@ def _fit_attention(tmp_path, teacher, dm, layer):
 
 @needs_wordnet
 def test_bert_student_recipe_trains_teacher_then_distils_from_cache(tmp_path):
-    overrides = [*TINY_OVERRIDES, f"run_dir={tmp_path}", "++teacher.max_epochs=1", "++teacher.limit_train_batches=3",
-                 "++teacher.model.num_layers=3", "model.num_layers=1", "++teacher.model.hidden=64", "++teacher.model.heads=2",
+    overrides = [*TINY_OVERRIDES, f"run_dir={tmp_path}", "++stages.teacher.trainer.max_epochs=1", "++stages.teacher.trainer.limit_train_batches=3",
+                 "++stages.teacher.model.num_layers=3", "model.num_layers=1", "++stages.teacher.model.hidden=64", "++stages.teacher.model.heads=2",
                  "++data.vocab_size=500"]
     out = run(compose("bert_student", overrides))
     assert (tmp_path / "teacher" / "teacher.ckpt").is_file()
@@ -104,20 +104,20 @@ def test_bert_student_recipe_trains_teacher_then_distils_from_cache(tmp_path):
     assert rows["fp32"]["params"] < rows["teacher"]["params"]
     # a second run reuses the trained teacher checkpoint (no teacher training) and the same student init
     again = run(compose("bert_student", [*overrides, f"run_dir={tmp_path / 'second'}",
-                                         f"++teacher.checkpoint={tmp_path / 'teacher' / 'teacher.ckpt'}"]))
+                                         f"++stages.teacher.checkpoint={tmp_path / 'teacher' / 'teacher.ckpt'}"]))
     assert again["metrics"]["teacher/test_acc"] == pytest.approx(out["metrics"]["teacher/test_acc"])
     assert not (tmp_path / "second" / "teacher" / "teacher.ckpt").exists()
 
 
 @needs_fmnist
 def test_mobilenet_kd_recipe_and_bad_teacher_config(tmp_path):
-    overrides = [*TINY_OVERRIDES, f"run_dir={tmp_path}", "++teacher.max_epochs=1", "++teacher.limit_train_batches=2"]
+    overrides = [*TINY_OVERRIDES, f"run_dir={tmp_path}", "++stages.teacher.trainer.max_epochs=1", "++stages.teacher.trainer.limit_train_batches=2"]
     out = run(compose("mobilenet_kd", overrides))
     assert "teacher" in out["report"] and "teacher/test_acc" in out["metrics"]
-    with pytest.raises(ConfigError, match="unknown key teacher.epochs"):
-        run(compose("mobilenet_kd", [*overrides, "++teacher.epochs=3"]))
-    with pytest.raises(ConfigError, match="teacher.model.name='mobilnetv2'.*Did you mean 'mobilenetv2'"):
-        run(compose("mobilenet_kd", [*overrides, "teacher.model.name=mobilnetv2"]))
+    with pytest.raises(ConfigError, match="unknown key stages.teacher.epochs"):
+        run(compose("mobilenet_kd", [*overrides, "++stages.teacher.epochs=3"]))
+    with pytest.raises(ConfigError, match="stages.teacher.model.name='mobilnetv2'.*Did you mean 'mobilenetv2'"):
+        run(compose("mobilenet_kd", [*overrides, "stages.teacher.model.name=mobilnetv2"]))
 
 
 def test_hugging_face_folder_as_teacher_pretrained_start_and_student_init(tmp_path):
@@ -160,10 +160,13 @@ def test_temperature_schedule_followed_through_the_callback(tmp_path):
 def test_pqrnn_kd_recipe_learns_from_a_wordpiece_teachers_cache(tmp_path):
     """Cross-tokenization offline distillation: a BERT teacher reads WordPiece ids, pQRNN raw strings;
     the cache written from the teacher's datamodule is consumed by the raw-text student by index."""
+    from lightning_eff.batch import call_with_inputs, model_inputs
     from lightning_eff.data import WordNetSupersenseDataModule
-    from lightning_eff.callbacks.common import model_inputs
-    from lightning_eff.infra.footprint import call_with_inputs
-    from lightning_eff.learning.distillation.offline import TeacherLogitCache, cache_teacher_logits, default_output_fn
+    from lightning_eff.learning.distillation.offline import (
+        TeacherLogitCache,
+        cache_teacher_logits,
+        default_output_fn,
+    )
 
     limits = dict(limit_train=384, limit_val=128)
     teacher_dm = WordNetSupersenseDataModule(tokenizer="wordpiece", vocab_size=500, max_length=32, batch_size=64, **limits)

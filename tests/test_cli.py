@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_OVERRIDES, needs_fmnist
 from omegaconf import OmegaConf
 
-from conftest import TINY_OVERRIDES, needs_fmnist
 from lightning_eff.cli import REPO_ROOT, compose, list_recipes, run, validate_config
 from lightning_eff.errors import ConfigError
 

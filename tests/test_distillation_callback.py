@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_fmnist, needs_wordnet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -15,8 +16,6 @@ from lightning_eff import ClassificationTask, ConfigError, Distillation
 from lightning_eff.data.indexed import IndexedCollate, IndexedDataset
 from lightning_eff.learning.distillation import kd_loss
 from lightning_eff.models import create_model
-
-from conftest import needs_fmnist, needs_wordnet
 
 
 class Data(L.LightningDataModule):

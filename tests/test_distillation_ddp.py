@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from test_distillation_callback import Data, UserModule, _teacher
 
 from lightning_eff.callbacks import Distillation
-from test_distillation_callback import Data, UserModule, _teacher
 
 
 class Probe(L.Callback):

@@ -9,8 +9,16 @@ import torch.nn.functional as F
 
 from lightning_eff import ConfigError
 from lightning_eff.learning.distillation import (
-    attention_kl_loss, attention_map, attention_transfer_loss, distillation_loss, hidden_cosine_loss, hidden_mse_loss,
-    kd_loss, make_projection, soft_targets, task_loss,
+    attention_kl_loss,
+    attention_map,
+    attention_transfer_loss,
+    distillation_loss,
+    hidden_cosine_loss,
+    hidden_mse_loss,
+    kd_loss,
+    make_projection,
+    soft_targets,
+    task_loss,
 )
 from lightning_eff.schedules import ScheduledValue
 

@@ -15,10 +15,10 @@ import types
 import lightning as L
 import pytest
 import torch
+from test_quant_callbacks import TinyData, _task
 from torch import nn
 
 import lightning_eff
-from test_quant_callbacks import TinyData, _task
 
 
 def _modules_with_examples() -> list[str]:

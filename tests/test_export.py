@@ -9,9 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_eff.compression.quantization.fx import calibrate, convert_fx_model, prepare_ptq_fx_model, quantized_engine
+from lightning_eff.compression.quantization.engines import quantized_engine
+from lightning_eff.compression.quantization.fx import (
+    calibrate,
+    convert_fx_model,
+    prepare_ptq_fx_model,
+)
 from lightning_eff.errors import ConfigError, ExportUnavailableError
-from lightning_eff.infra.export import (
+from lightning_eff.export import (
     ExportError,
     export_executorch,
     export_lite,
@@ -23,8 +28,6 @@ from lightning_eff.infra.export import (
     read_metadata,
     verify_artifact,
 )
-
-
 
 
 def _net() -> nn.Module:
@@ -140,7 +143,11 @@ def test_verification_catches_baked_in_shapes(tmp_path, example):
 def test_executorch_pt2e_int8_round_trip(tmp_path, example):
     pytest.importorskip("executorch")
     from lightning_eff.compression.quantization.fx import sqnr_db
-    from lightning_eff.compression.quantization.pt2e import convert_pt2e_model, is_pt2e_quantized, prepare_pt2e_model
+    from lightning_eff.compression.quantization.pt2e import (
+        convert_pt2e_model,
+        is_pt2e_quantized,
+        prepare_pt2e_model,
+    )
 
     model = _net()
     prepared = prepare_pt2e_model(model, (example,), qat=False)
@@ -163,7 +170,11 @@ def test_executorch_pt2e_int8_round_trip(tmp_path, example):
 @pytest.mark.slow
 def test_pt2e_qat_prepare_train_convert(example):
     pytest.importorskip("torchao")
-    from lightning_eff.compression.quantization.pt2e import convert_pt2e_model, prepare_pt2e_model, set_pt2e_training
+    from lightning_eff.compression.quantization.pt2e import (
+        convert_pt2e_model,
+        prepare_pt2e_model,
+        set_pt2e_training,
+    )
 
     prepared = prepare_pt2e_model(_net().train(), (example,), qat=True)
     opt = torch.optim.SGD(prepared.parameters(), lr=0.01)

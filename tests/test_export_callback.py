@@ -6,10 +6,10 @@ import os
 import zipfile
 
 import pytest
+from test_quant_callbacks import TinyData, _task, _trainer
 
 from lightning_eff import Export, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_eff.errors import ConfigError
-from test_quant_callbacks import TinyData, _task, _trainer
 
 
 @pytest.mark.export
@@ -49,12 +49,15 @@ def test_export_float_pte_and_int8_pte_from_ptq(tmp_path):
 
 
 def test_export_failure_is_recorded_not_fatal(tmp_path, monkeypatch):
-    from lightning_eff.infra import export as ex
+    import dataclasses
+
+    from lightning_eff import export as ex
+    from lightning_eff.export import registry
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(ex, "export_torchscript", boom)
+    monkeypatch.setitem(registry._EXPORTERS, "pt", dataclasses.replace(ex.get_exporter("pt"), export=boom))
     export = Export(formats=["pt"], output_dir=str(tmp_path / "art"), latency=False)
     task = _task()
     _trainer(tmp_path, [export]).fit(task, datamodule=TinyData())

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_eff import atomic
+from lightning_eff import measure as fp
+from lightning_eff.batch import resize_batch
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra import footprint as fp
 
 pytestmark = [
     # torch.ao / TorchScript deprecation chatter from the quantized fixtures, not from the code under test
@@ -206,11 +208,11 @@ def test_measure_latencies_per_batch_size():
 
 def test_resize_batch_repeats_along_dim0():
     x = torch.arange(3.0).view(1, 3)
-    assert torch.equal(fp.resize_batch(x, 4), x.repeat(4, 1))
-    assert torch.equal(fp.resize_batch(torch.arange(6).view(3, 2), 1), torch.tensor([[0, 1]]))
-    out = fp.resize_batch({"ids": torch.ones(1, 5, dtype=torch.long), "text": ["a b"], "n": 7}, 3)
+    assert torch.equal(resize_batch(x, 4), x.repeat(4, 1))
+    assert torch.equal(resize_batch(torch.arange(6).view(3, 2), 1), torch.tensor([[0, 1]]))
+    out = resize_batch({"ids": torch.ones(1, 5, dtype=torch.long), "text": ["a b"], "n": 7}, 3)
     assert out["ids"].shape == (3, 5) and out["text"] == ["a b"] * 3 and out["n"] == 7
-    a, b = fp.resize_batch((torch.zeros(1, 2), torch.zeros(1)), 2)
+    a, b = resize_batch((torch.zeros(1, 2), torch.zeros(1)), 2)
     assert a.shape == (2, 2) and b.shape == (2,)
 
 
@@ -247,13 +249,13 @@ def test_measure_footprint_failures_become_none(caplog):
         def forward(self, x):
             raise RuntimeError("boom")
 
-    with caplog.at_level(logging.WARNING, logger="lightning_eff.infra.footprint"):
+    with caplog.at_level(logging.WARNING, logger="lightning_eff.measure.footprint"):
         report = fp.measure_footprint(Broken(4, 3), torch.zeros(1, 4), repeats=1)
     assert report["params"] == 15
     assert report["macs"] is None and report["latency_ms_b1"] is None and report["peak_mem_mb"] is None
     assert "boom" in caplog.text
     _, q, x = int8_conv_pair()
-    with caplog.at_level(logging.WARNING, logger="lightning_eff.infra.footprint"):
+    with caplog.at_level(logging.WARNING, logger="lightning_eff.measure.footprint"):
         scripted = fp.measure_footprint(torch.jit.script(q), x, batch_sizes=(1,), repeats=1, memory=False)
     assert scripted["macs"] is None and scripted["params"] == 330 and scripted["latency_ms_b1"] > 0
 
@@ -281,7 +283,7 @@ def test_write_results_atomic_valid_json(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fp.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         fp.write_results(path, {"new": 1})
     assert json.loads(path.read_text())["footprint"]["params"] == 23  # the old file is intact
@@ -390,7 +392,7 @@ def test_monitor_inputs_from_datamodule_and_dict_batches(tmp_path):
     t.fit(TinyTask(), datamodule=DM())
     assert monitor.report["footprint"]["latency_ms_b2"] > 0 and monitor.report["footprint"]["peak_mem_mb"] is None
     assert "val/acc" in t.callback_metrics and "footprint/params" not in t.callback_metrics
-    from lightning_eff.callbacks.common import model_inputs
+    from lightning_eff.batch import model_inputs
 
     assert set(model_inputs({"input_ids": 1, "labels": 2})) == {"input_ids"}
 

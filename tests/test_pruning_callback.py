@@ -146,7 +146,7 @@ def test_resume_mid_schedule_equals_uninterrupted(tmp_path, kw):
 
 def test_checkpoint_loads_into_fresh_model_and_artifact_shrinks(tmp_path):
     L.seed_everything(0)
-    pruning = Pruning(amount=0.9, schedule="constant", export_sparse="fp32", artifact_dir=str(tmp_path / "art"))
+    pruning = Pruning(amount=0.9, schedule="constant", export_sparse="fp32", output_dir=str(tmp_path / "art"))
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     task = TinyTask()
     _trainer(tmp_path, [pruning, ckpt], max_epochs=1).fit(task, _loader())

@@ -26,7 +26,12 @@ from lightning_eff.compression.pruning import (
 )
 from lightning_eff.compression.pruning.regrowth import drop_fraction
 from lightning_eff.errors import ConfigError, NoEffectWarning
-from lightning_eff.schedules import check_sparsity_schedule, constant_sparsity, polynomial_decay, rounds_sparsity
+from lightning_eff.schedules import (
+    check_sparsity_schedule,
+    constant_sparsity,
+    polynomial_decay,
+    rounds_sparsity,
+)
 
 torch.set_num_threads(1)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from test_pruning_callback import TinyTask, _loader
 
 from lightning_eff.callbacks.pruning import Pruning
-from test_pruning_callback import TinyTask, _loader
 
 
 class SaveMasks(L.Callback):

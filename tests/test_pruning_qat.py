@@ -39,7 +39,7 @@ def _int8_weights(model):
 def test_int8_model_keeps_sparsity(tmp_path, order):
     L.seed_everything(0)
     pruning = Pruning(amount=0.6, schedule="polynomial", frequency=1, end_step=2, export_sparse="int8",
-                      artifact_dir=str(tmp_path / "art"))
+                      output_dir=str(tmp_path / "art"))
     qat = QuantizationAwareTraining(engines=["x86"], example_input_shape=[1, 16, 16])
     callbacks = [pruning, qat] if order == "prune_first" else [qat, pruning]
     task = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}, scheduler="constant", lr=0.05)

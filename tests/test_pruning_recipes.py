@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY_OVERRIDES, needs_fmnist
+
 from lightning_eff.cli import compose, run, validate_config
 from lightning_eff.errors import ConfigError
 
@@ -20,7 +20,7 @@ def test_recipe_composes(recipe):
 @needs_fmnist
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_fast_dev_run(recipe, tmp_path):
-    extra = ["finetune.callbacks.qat.engines=[x86]", "++report.latency=false"] if recipe == "mobilenet_prune_qat" else []
+    extra = ["stages.finetune.callbacks.qat.engines=[x86]", "++report.latency=false"] if recipe == "mobilenet_prune_qat" else []
     run(compose(recipe, [f"run_dir={tmp_path}", "++trainer.fast_dev_run=true", "model.width=0.25", *extra, *TINY_OVERRIDES]))
     assert (tmp_path / "results.json").exists()
 
@@ -30,7 +30,7 @@ def test_recipe_fast_dev_run(recipe, tmp_path):
 def test_prune_qat_recipe_keeps_sparsity_in_int8(tmp_path):
     """Both stages run (float pruning, then QAT with the zeros kept); the int8 row keeps the sparsity,
     and the report says per backend (fp32 eager, int8 x86) whether the zeros bought latency."""
-    result = run(compose("mobilenet_prune_qat", [f"run_dir={tmp_path}", "model.width=0.25", "finetune.callbacks.qat.engines=[x86]",
+    result = run(compose("mobilenet_prune_qat", [f"run_dir={tmp_path}", "model.width=0.25", "stages.finetune.callbacks.qat.engines=[x86]",
                                                  "report.batch_sizes=[1]", "report.repeats=2", "report.memory=false", *TINY_OVERRIDES]))
     rows = result["report"]
     assert rows["fp32"]["sparsity"] > 0.6

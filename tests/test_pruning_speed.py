@@ -8,10 +8,26 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from lightning_eff.compression.pruning import densify, prune, sparsity_latency, weight_zero_fraction
-from lightning_eff.compression.pruning.speed import UnsupportedModelError, _shift_zero_points
-from lightning_eff.compression.quantization.fx import calibrate, convert_fx_model, model_engine, prepare_ptq_fx_model
-from lightning_eff.compression.quantization.preflight import quantized_engine, supported_engines
+from lightning_eff.compression.pruning import (
+    densify,
+    prune,
+    sparsity_latency,
+    weight_zero_fraction,
+)
+from lightning_eff.compression.pruning.speed import (
+    UnsupportedModelError,
+    _shift_zero_points,
+)
+from lightning_eff.compression.quantization.engines import (
+    model_engine,
+    quantized_engine,
+    supported_engines,
+)
+from lightning_eff.compression.quantization.fx import (
+    calibrate,
+    convert_fx_model,
+    prepare_ptq_fx_model,
+)
 from lightning_eff.errors import ConfigError
 
 
@@ -128,8 +144,9 @@ def test_bad_inputs_are_named():
 
 
 def test_report_states_per_variant_whether_sparsity_bought_latency():
-    from lightning_eff.infra.report import build_report
     from test_qat_executorch import Templates
+
+    from lightning_eff.report import build_report
 
     class Task:
         pass

@@ -22,7 +22,7 @@ from lightning_eff.compression.pruning import (
 )
 from lightning_eff.compression.pruning.structured import group_masks
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import count_macs, count_parameters
+from lightning_eff.measure import count_macs, count_parameters
 from lightning_eff.models import create_model
 from lightning_eff.tasks import ClassificationTask
 
@@ -208,7 +208,11 @@ def test_compact_training_continues_the_masked_trajectory(optimizer):
 
     import torch.nn.functional as F
 
-    from lightning_eff.compression.pruning import Pruner, PruningConfig, compact_training
+    from lightning_eff.compression.pruning import (
+        Pruner,
+        PruningConfig,
+        compact_training,
+    )
     from lightning_eff.compression.pruning.structured import channel_keep, slice_like
 
     torch.manual_seed(0)

@@ -8,14 +8,17 @@ from importlib.util import find_spec
 import lightning as L
 import pytest
 import torch
+from test_quant_callbacks import _trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_eff import ClassificationTask, Export, QuantizationAwareTraining
-from lightning_eff.compression.quantization.fx import model_engine, set_fake_quant
-from lightning_eff.compression.quantization.preflight import quantized_engine
-from lightning_eff.infra import export as ex
-from test_quant_callbacks import _trainer
+from lightning_eff import export as ex
+from lightning_eff.compression.quantization.engines import (
+    model_engine,
+    quantized_engine,
+)
+from lightning_eff.compression.quantization.fx import set_fake_quant
 
 # A marker, not importorskip: other test files import Templates from here and must not be skipped.
 needs_pt2e = pytest.mark.skipif(find_spec("executorch") is None or find_spec("torchao") is None,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-
-from lightning_eff import Export, QuantizationAwareTraining
-from lightning_eff.compression.quantization.fx import sqnr_db
-from lightning_eff.infra import export as ex
 from test_qat_executorch import Templates, _top1, conv_net, float_trained, needs_pt2e
 from test_quant_callbacks import _trainer
+
+from lightning_eff import Export, QuantizationAwareTraining
+from lightning_eff import export as ex
+from lightning_eff.compression.quantization.fx import sqnr_db
 
 
 class BatchNormProbe(L.Callback):
@@ -37,7 +37,10 @@ class BatchNormProbe(L.Callback):
 @pytest.mark.export
 @pytest.mark.slow
 def test_pt2e_qat_callback_fit_convert_and_pte(tmp_path):
-    from lightning_eff.compression.quantization.pt2e import is_pt2e_quantized, set_pt2e_training
+    from lightning_eff.compression.quantization.pt2e import (
+        is_pt2e_quantized,
+        set_pt2e_training,
+    )
 
     dm = Templates()
     task = float_trained(tmp_path, dm)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lightning_eff import ClassificationTask, QuantizationAwareTraining
 from test_qat_executorch import Templates, conv_net, needs_pt2e
 from test_quant_callbacks import _trainer
+
+from lightning_eff import ClassificationTask, QuantizationAwareTraining
 
 
 def _task() -> ClassificationTask:

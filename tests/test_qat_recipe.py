@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import TINY_OVERRIDES, needs_fmnist
-from lightning_eff.cli import compose, run
 from test_qat_executorch import needs_pt2e
+
+from lightning_eff.cli import compose, run
 
 
 @needs_fmnist
@@ -17,7 +17,7 @@ from test_qat_executorch import needs_pt2e
 def test_mobilenet_qat_recipe_writes_qat_pte_and_weight_only_rows(tmp_path):
     # Stage 1's .pte exports (fp32, PTQ int8) are left out: they predate this test and cost ~40 s here.
     result = run(compose("mobilenet_qat", [f"run_dir={tmp_path}", "++trainer.fast_dev_run=true", "model.width=0.25",
-                                           "callbacks.export.formats=[pt]", "finetune.callbacks.qat.engines=[x86]",
+                                           "callbacks.export.formats=[pt]", "stages.finetune.callbacks.qat.engines=[x86]",
                                            "++report.latency=false", *TINY_OVERRIDES]))
     artifacts = {f"{a['variant']}.{a['format']}": a for a in result["artifacts"]}
     assert not [name for name, a in artifacts.items() if "error" in a], artifacts

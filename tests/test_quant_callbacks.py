@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eff import ClassificationTask, ConfigError, PostTrainingQuantization, QuantizationAwareTraining
-from lightning_eff.infra.footprint import count_parameters
+from lightning_eff import (
+    ClassificationTask,
+    ConfigError,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
+from lightning_eff.measure import count_parameters
 
 
 class TinyData(L.LightningDataModule):
@@ -167,8 +172,10 @@ def test_ptq_bad_inputs():
 def test_int8_models_run_under_deterministic_mode(tmp_path):
     """Trainer(deterministic=True) turns on torch's global determinism; int8 inference inside
     quantized_engine still runs (and the user's setting is restored afterwards)."""
-    from lightning_eff.compression.quantization.fx import model_engine
-    from lightning_eff.compression.quantization.preflight import quantized_engine
+    from lightning_eff.compression.quantization.engines import (
+        model_engine,
+        quantized_engine,
+    )
 
     task, dm = _task(), TinyData()
     ptq = PostTrainingQuantization(engines=["x86"], calibration_batches=2)

@@ -8,27 +8,32 @@ import torch
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
-from lightning_eff.compression.quantization.fusion import fold_conv_bn, fuse_for_quantization, split_norm_act
+from lightning_eff.compression.quantization.engines import (
+    check_engine,
+    model_engine,
+    quantized_engine,
+    supported_engines,
+)
+from lightning_eff.compression.quantization.fusion import (
+    fold_conv_bn,
+    fuse_for_quantization,
+    split_norm_act,
+)
 from lightning_eff.compression.quantization.fx import (
     build_qconfig_mapping,
     calibrate,
     convert_fx_model,
     dynamic_quantize,
     freeze_bn_stats,
-    model_engine,
     prepare_ptq_fx_model,
     prepare_qat_fx_model,
-    quantized_engine,
     set_fake_quant,
     set_observers,
     sqnr_db,
-    supported_engines,
 )
-from lightning_eff.compression.quantization.preflight import check_engine, check_quantizable
+from lightning_eff.compression.quantization.preflight import check_quantizable
 from lightning_eff.errors import ConfigError, NoEffectWarning
 from lightning_eff.models import create_model
-
-
 
 
 def _warm_bn(model: nn.Module, shape, steps: int = 3) -> nn.Module:
@@ -279,7 +284,7 @@ def test_per_channel_depthwise_only(tiny_timm, engine, tmp_path):
     """per_channel='depthwise': per-channel scales on the depthwise convs, per-tensor on the rest;
     the TorchScript artifact shrinks by ~16 bytes per non-depthwise output channel, SQNR holds."""
     from lightning_eff.compression.quantization.fx import depthwise_conv_names
-    from lightning_eff.infra.export import export_torchscript
+    from lightning_eff.export import export_torchscript
 
     dw = set(depthwise_conv_names(tiny_timm))
     assert dw and all(tiny_timm.get_submodule(n).groups > 1 for n in dw)

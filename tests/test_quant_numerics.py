@@ -7,8 +7,17 @@ import warnings
 import pytest
 import torch
 
-from lightning_eff.compression.quantization.affine import choose_qparams, dequantize, fake_quantize, qrange, quantize
-from lightning_eff.compression.quantization.observers import FakeQuantize, MinMaxObserver
+from lightning_eff.compression.quantization.affine import (
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    qrange,
+    quantize,
+)
+from lightning_eff.compression.quantization.observers import (
+    FakeQuantize,
+    MinMaxObserver,
+)
 from lightning_eff.errors import ConfigError
 
 with warnings.catch_warnings():

@@ -7,11 +7,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import needs_wordnet
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from conftest import needs_wordnet
-from lightning_eff.data.indexed import IndexedBatch
-from lightning_eff.data.sampling import LengthBucketSampler, example_lengths, padded_tokens
+from lightning_eff.batch import IndexedBatch
+from lightning_eff.data.sampling import (
+    LengthBucketSampler,
+    example_lengths,
+    padded_tokens,
+)
 from lightning_eff.errors import ConfigError
 
 RNG_LENGTHS = np.random.default_rng(0).integers(1, 60, size=1000).tolist()

@@ -21,10 +21,10 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
+from conftest import needs_wordnet
 from torch import nn
 
 import lightning_eff.models._register_text  # noqa: F401  (registers pqrnn, prado)
-from conftest import needs_wordnet
 from lightning_eff.compression.quantization.fx import (
     calibrate,
     convert_fx_model,
@@ -36,7 +36,7 @@ from lightning_eff.compression.quantization.fx import (
     sqnr_db,
 )
 from lightning_eff.compression.quantization.preflight import check_traceable
-from lightning_eff.infra.footprint import state_dict_bytes
+from lightning_eff.measure import state_dict_bytes
 from lightning_eff.models import create_model
 from lightning_eff.models.projection import TernaryProjection
 

@@ -15,11 +15,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import lightning_eff.models._register_text  # noqa: F401  (registers pqrnn, prado)
-from lightning_eff import ClassificationTask, ConfigError, PostTrainingQuantization, QuantizationAwareTraining
-from lightning_eff.callbacks.common import submodule_inputs
-from lightning_eff.compression.quantization.fx import default_reduce_range, model_engine, set_observers, sqnr_db
-from lightning_eff.compression.quantization.preflight import quantized_engine
+from lightning_eff import (
+    ClassificationTask,
+    ConfigError,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
+from lightning_eff.compression.quantization.engines import (
+    model_engine,
+    quantized_engine,
+)
+from lightning_eff.compression.quantization.fx import (
+    default_reduce_range,
+    set_observers,
+    sqnr_db,
+)
 from lightning_eff.models import create_model
+from lightning_eff.surgery import submodule_inputs
 
 ADJ = ["small", "large", "red", "wooden", "ancient", "quick", "heavy", "soft"]
 NOUN = {0: ["tool for cutting", "hammer", "knife blade"], 1: ["small rodent", "wild bird", "large cat"],
@@ -174,7 +186,7 @@ def test_submodule_bad_inputs(tmp_path, cls):
 def test_export_the_encoder_of_every_variant(tmp_path):
     """Export(submodule='encoder'): fp32 and int8 encoders scripted, reloaded, verified on other glosses."""
     from lightning_eff import Export
-    from lightning_eff.infra.export import load_artifact
+    from lightning_eff.export import load_artifact
 
     task, dm = _task(), TinyText()
     _trainer(tmp_path / "fit", []).fit(task, datamodule=dm)

@@ -6,10 +6,19 @@ import copy
 
 import pytest
 import torch
-
-from lightning_eff import (ConfigError, Distillation, Export, FootprintMonitor, PostTrainingQuantization, Pruning,
-                           QuantizationAwareTraining, WeightOnlyQuantization, load_sparse)
 from user_module import UserData, UserModule, UserNet, user_trainer
+
+from lightning_eff import (
+    ConfigError,
+    Distillation,
+    Export,
+    FootprintMonitor,
+    PostTrainingQuantization,
+    Pruning,
+    QuantizationAwareTraining,
+    WeightOnlyQuantization,
+    load_sparse,
+)
 
 
 def _quant_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -166,9 +175,9 @@ def test_a_single_string_is_one_item_of_a_list_option():
 
 # ------------------------------------------------------------------ 8. Trainer(deterministic=True)
 def test_int8_conversion_export_and_verification_work_under_deterministic_training(tmp_path, monkeypatch):
-    from lightning_eff.compression.quantization import preflight
+    from lightning_eff.compression.quantization import engines
 
-    monkeypatch.setattr(preflight, "_WARNED_DETERMINISM", False)  # warned once per process: maybe by an earlier test
+    monkeypatch.setattr(engines, "_WARNED_DETERMINISM", False)  # warned once per process: maybe by an earlier test
     torch.manual_seed(0)
     m = UserModule()
     qat = QuantizationAwareTraining(engines=["x86"], module_attr="net")
@@ -182,7 +191,7 @@ def test_int8_conversion_export_and_verification_work_under_deterministic_traini
 
 # ------------------------------------------------------------------ 11. verification checks a relative error
 def test_an_artifact_failing_verification_is_marked_unverified_not_left_looking_good(tmp_path, monkeypatch):
-    from lightning_eff.infra import export as ex
+    from lightning_eff import export as ex
 
     real_load = ex.load_artifact
 
@@ -205,7 +214,7 @@ def test_an_artifact_failing_verification_is_marked_unverified_not_left_looking_
 
 
 def test_verify_artifact_reports_sqnr_against_a_hand_computed_value():
-    from lightning_eff.infra.export import verify_artifact
+    from lightning_eff.export import verify_artifact
 
     ref = torch.nn.Linear(4, 3)
     noisy = lambda x: ref(x) + 0.1  # noqa: E731
@@ -222,9 +231,10 @@ def test_the_float_model_from_qat_weights_computes_what_the_qat_forward_computes
     """The root cause of the garbage ``qat_weights_ptq_int8_xnnpack.pte`` (issue 14, defects 7 and 11): its
     reference float model dropped the activation fake-quants — the only bound on activations once ReLU6 is
     ReLU — and a briefly trained MobileNetV2-tiny then output ~4.5e14 where its QAT forward gives ~6."""
+    from test_quant_callbacks import TinyData, _task, _trainer
+
     from lightning_eff.callbacks.export import float_from_fx_qat
     from lightning_eff.compression.quantization.fx import sqnr_db
-    from test_quant_callbacks import TinyData, _task, _trainer
 
     task, dm = _task(), TinyData()
     _trainer(tmp_path, [QuantizationAwareTraining(engines=["x86"])]).fit(task, datamodule=dm)
@@ -252,7 +262,7 @@ def test_footprint_under_qat_names_the_fake_quant_graph_and_gives_the_int8_model
 
 
 def test_the_report_says_plainly_when_int8_is_slower_and_points_to_the_fastest_artifact():
-    from lightning_eff.infra.report import int8_speed
+    from lightning_eff.report import int8_speed
 
     rows = {"fp32": {"model": "float network (eager PyTorch)", "latency_ms_b1": 2.0, "latency_ms_b32": 20.0},
             "ptq_int8_x86": {"model": "int8 model (torch.ao, x86 kernels)", "latency_ms_b1": 3.0, "latency_ms_b32": 10.0},

@@ -5,13 +5,18 @@ import os
 
 import pytest
 import torch
-from torch import nn
-
-from lightning_eff import ClassificationTask, ConfigError, Export, WeightOnlyQuantization
-from lightning_eff.compression.quantization.weight_only import load_quantized
-from lightning_eff.infra.report import build_report
 from test_qat_executorch import Templates
 from test_quant_callbacks import _trainer
+from torch import nn
+
+from lightning_eff import (
+    ClassificationTask,
+    ConfigError,
+    Export,
+    WeightOnlyQuantization,
+)
+from lightning_eff.compression.quantization.weight_only import load_quantized
+from lightning_eff.report import build_report
 
 
 def mlp() -> nn.Module:
@@ -34,7 +39,7 @@ def _fit(tmp_path, callbacks, **kw):
 
 
 def test_weight_only_files_bytes_accuracy_and_report(tmp_path):
-    wq = WeightOnlyQuantization(bits=[8, 4, 2], dirpath=str(tmp_path / "wq"))
+    wq = WeightOnlyQuantization(bits=[8, 4, 2], output_dir=str(tmp_path / "wq"))
     export = Export(formats=["pt"], output_dir=str(tmp_path / "art"), latency=False)
     trainer, task, dm = _fit(tmp_path, [wq, export])
     entries = {a["variant"]: a for a in wq.artifacts()}

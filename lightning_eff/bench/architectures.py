@@ -3,22 +3,28 @@
 Footprint (same 32 WordNet test glosses for every model; token models read them as WordPiece
 ids): serialized ``state_dict`` bytes, parameters, MACs per example (``macs``) and median CPU latency at
 batch 1 and 32 of pQRNN and PRADO (fp32 and dynamic int8), the LSTM baseline (word embedding
-table) and the BERT teacher (``--bert-size``, default BERT-base shape). Latencies of the
-projection models include the Python hashing. Also: projection throughput (tokens/s, fresh
-cache, batches of 64 glosses) and depthwise-separable vs standard convolution parameter/MAC
-ratios for one 256->256 3x3 layer at 14x14 and for MobileNetV2 vs ``plain_cnn`` (32x32 input).
+table) and the BERT teacher (``--bert-size``, default BERT-base shape), all models of a batch size
+timed together by the one interleaved timer (:func:`lightning_eff.measure.time_interleaved`; a
+BERT that takes seconds per call at batch 32 in a run of its own, with fewer rounds). Latencies of
+the projection models include the Python hashing. Also: projection throughput (tokens/s, fresh
+cache, batches of 64 glosses; uncached, fresh and warm cache interleaved, the fastest pass) and
+depthwise-separable vs standard convolution parameter/MAC ratios for one 256->256 3x3 layer at
+14x14 and for MobileNetV2 vs ``plain_cnn`` (32x32 input).
 
 ``--accuracy`` also trains each model briefly on WordNet supersenses (plain PyTorch loop,
 AdamW, length-bucketed batches of 64; ``--train-examples``/``--epochs``) and reports test
 accuracy beside the TF-IDF + linear SVM baseline on the same training examples.
 
 Final line: ``RESULT pqrnn_smaller_than_bert=<x> pqrnn_smaller_than_lstm=<x> dwsep_param_ratio=<r>
-dwsep_mac_ratio=<r> projection_tokens_per_s=<n>`` where the size ratios are fp32 bytes of the
+dwsep_mac_ratio=<r> projection_tokens_per_s=<n> noisy=<0|1>`` where the size ratios are fp32 bytes of the
 baseline / fp32 bytes of pQRNN and the dwsep ratios are standard / separable (how many times
-fewer), i.e. ``1 / (1/C_out + 1/9)`` for the layer.
+fewer), i.e. ``1 / (1/C_out + 1/9)`` for the layer; ``noisy=1`` when the throughput came from
+timing rounds that disagree.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import random
@@ -28,8 +34,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_eff.bench.common import bench_parser, set_threads, write_bench
-from lightning_eff.infra.footprint import count_macs, format_table, measure_footprint, measure_latency
+from lightning_eff.batch import call_with_inputs
+from lightning_eff.bench.common import Timings, bench_parser, set_threads, write_bench
+from lightning_eff.measure import (
+    count_macs,
+    format_table,
+    measure_footprint,
+)
+from lightning_eff.measure.timing import inference
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +83,26 @@ def _models(bert_size: str, num_classes: int, vocab_size: int, train_texts: list
             "lstm": lstm, f"bert_{bert_size}": bert}
 
 
-def _projection_throughput(texts: list[str], batch: int = 64) -> dict[str, float]:
+def _projection_throughput(texts: list[str], timer: Timings, threads: int, rounds: int, batch: int = 64) -> dict[str, float]:
+    """Tokens/s of one pass over ``texts`` in batches: no cache, a fresh cache (built in the pass), a warm cache.
+
+    The three passes are timed interleaved (timing ``"projection"``: ``rounds`` rounds of two passes
+    each); the fastest pass of each counts.
+    """
     from lightning_eff.models.projection import TernaryProjection, tokenize
 
     tokens = sum(len(tokenize(t, 64)) for t in texts)
-    out = {}
-    for name, cache in (("uncached", 0), ("fresh_cache", 16384)):
-        proj = TernaryProjection(cache_size=cache)
-        start = time.perf_counter()
+
+    def run(proj: TernaryProjection | None) -> None:
+        proj = proj if proj is not None else TernaryProjection(cache_size=16384)  # fresh: a new cache every pass
         for i in range(0, len(texts), batch):
             proj(texts[i : i + batch])
-        out[f"tokens_per_s_{name}"] = tokens / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for i in range(0, len(texts), batch):  # second pass: every token is in the cache
-        proj(texts[i : i + batch])
-    out["tokens_per_s_warm_cache"] = tokens / (time.perf_counter() - start)
+
+    warm = TernaryProjection(cache_size=16384)  # the warm-up pass fills its cache
+    passes = {"uncached": functools.partial(run, TernaryProjection(cache_size=0)),
+              "fresh_cache": functools.partial(run, None), "warm_cache": functools.partial(run, warm)}
+    timing = timer.time("projection", passes, rounds=rounds, repeats=2, warmup=1, threads=threads)
+    out: dict[str, float] = {f"tokens_per_s_{name}": tokens / (v.min_ms / 1000.0) for name, v in timing.items()}
     out["tokens"] = tokens
     return out
 
@@ -172,14 +189,18 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Run the benchmark; returns the ``RESULT`` figures (also in ``<out>/architectures.json``)."""
     parser = bench_parser("architectures", __doc__.splitlines()[0])
     parser.add_argument("--bert-size", default="base", help="BERT teacher shape for the footprint rows (default base)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per latency (default 5 quick, 20 full)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per latency, spread over up to 5 (quick) or 10 rounds (default 15 quick, 40 full)")
     parser.add_argument("--accuracy", action="store_true", help="also train each model briefly on WordNet supersenses")
     parser.add_argument("--train-examples", type=int, default=None, help="training examples for --accuracy (default all; 8000 quick)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs for --accuracy (default 2; 1 quick)")
     parser.add_argument("--accuracy-bert-size", default="mini", help="BERT shape trained by --accuracy (default mini: CPU budget)")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
-    warmup, repeats = (2, args.repeats or 5) if args.quick else (5, args.repeats or 20)
+    # several calls per round: the fastest of a few is robust to one preempted call, a single call is not
+    warmup, repeats = (2, args.repeats or 15) if args.quick else (5, args.repeats or 40)
+    if repeats < 1:
+        raise SystemExit(f"--repeats={repeats} must be >= 1")
     args.train_examples = args.train_examples or (8000 if args.quick else 10**9)
     args.epochs = args.epochs or (1 if args.quick else 2)
     started = time.perf_counter()
@@ -199,29 +220,48 @@ def main(argv: list[str]) -> dict[str, Any]:
     models = _models(args.bert_size, num_classes, vocab_size, train_texts)
 
     rows: dict[str, dict[str, Any]] = {}
+    inputs: dict[int, dict[str, Any]] = {1: {}, 32: {}}
     for name, model in models.items():
         is_bert = name.startswith("bert")
         b32 = ids if is_bert else texts
         b1 = {k: v[:1, : int(v[0].ne(0).sum()) if k == "input_ids" else None] for k, v in ids.items()} if is_bert else texts[:1]
         if is_bert:
             b1["attention_mask"] = b1["attention_mask"][:, : b1["input_ids"].shape[1]]
+        inputs[1][name], inputs[32][name] = b1, b32
         row = measure_footprint(model, b1, batch_sizes=(), latency=False, memory=False)
         # MACs per example, averaged over the 32 glosses (an int8 model does the same MACs as its float parent).
         row["macs"] = count_macs(model, b32) // 32 if not name.endswith("int8") else rows[name[:-5]]["macs"]
-        slow = is_bert and args.bert_size in ("medium", "base")  # seconds per call at batch 32 on 2 cores
-        for batch, inputs in ((1, b1), (32, b32)):
-            row[f"latency_ms_b{batch}"] = measure_latency(model, inputs, warmup=1 if slow else warmup,
-                                                          repeats=min(repeats, 3) if slow else repeats, threads=threads)
         rows[name] = row
-        log.info("%s: %s", name, row)
     bert_name = f"bert_{args.bert_size}"
+    slow = {bert_name} if args.bert_size in ("medium", "base") else set()  # seconds per call at batch 32 on 2 cores
+    timer = Timings()
+    rounds = min(5 if args.quick else 10, repeats)
+    per_round = max(1, repeats // rounds)
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(inference(model))
+        for batch, batch_inputs in inputs.items():
+            calls = {name: functools.partial(call_with_inputs, models[name], batch_inputs[name]) for name in models}
+            heavy = slow if batch == 32 else set()
+            groups = [(f"latency_b{batch}", {n: f for n, f in calls.items() if n not in heavy}, rounds, per_round, warmup)]
+            if heavy:
+                groups.append((f"latency_b{batch}_slow", {n: calls[n] for n in heavy}, min(3, rounds), 1, 1))
+            for label, group, n_rounds, n_repeats, n_warmup in groups:
+                timing = timer.time(label, group, rounds=n_rounds, repeats=n_repeats, warmup=n_warmup, threads=threads)
+                for name, v in timing.items():
+                    rows[name][f"latency_ms_b{batch}"] = v.median_ms
+                    rows[name][f"latency_min_ms_b{batch}"] = v.min_ms
+                    rows[name][f"latency_spread_b{batch}"] = v.spread
+    for name, row in rows.items():
+        log.info("%s: %s", name, row)
     print(format_table(rows, ["params", "fp32_bytes", "gzip_bytes", "macs", "latency_ms_b1", "latency_ms_b32"]))
 
     from lightning_eff.models.conv_cost import layer_ratios, model_ratios
 
     layer = layer_ratios(256, 256, kernel=3, size=14)
     whole = {f"w{w}": model_ratios(width=w, input_size=32) for w in ((0.5,) if args.quick else (0.5, 1.0))}
-    proj = _projection_throughput((raw.texts("train")[: 2000 if args.quick else 20000]) if raw is not None else FALLBACK_TEXTS * 100)
+    proj = _projection_throughput((raw.texts("train")[: 2000 if args.quick else 20000]) if raw is not None else FALLBACK_TEXTS * 100,
+                                  timer, threads, rounds=3 if args.quick else 5)
     print(f"projection: {proj['tokens_per_s_fresh_cache']:.0f} tokens/s (fresh cache), "
           f"{proj['tokens_per_s_uncached']:.0f} uncached, {proj['tokens_per_s_warm_cache']:.0f} warm")
     print(f"depthwise-separable 256->256 3x3 @14x14: params x{1 / layer['measured_param_ratio']:.2f} fewer, "
@@ -244,10 +284,12 @@ def main(argv: list[str]) -> dict[str, Any]:
         "pqrnn_smaller_than_lstm": rows["lstm"]["fp32_bytes"] / pq,
         "dwsep_param_ratio": 1.0 / layer["measured_param_ratio"],
         "dwsep_mac_ratio": 1.0 / layer["measured_mac_ratio"],
-        "projection_tokens_per_s": int(proj["tokens_per_s_fresh_cache"]),
+        "projection_tokens_per_s": timer.figure("projection_tokens_per_s", int(proj["tokens_per_s_fresh_cache"]),
+                                                [("projection", "fresh_cache")]),
     }
     payload = {
-        "settings": {"quick": args.quick, "threads": threads, "warmup": warmup, "repeats": repeats, "bert_size": args.bert_size,
+        "settings": {"quick": args.quick, "threads": threads, "warmup": warmup, "repeats": repeats, "rounds": rounds,
+                     "repeats_per_round": per_round, "slow_models": sorted(slow), "bert_size": args.bert_size,
                      "inputs": "32 WordNet test glosses" if raw is not None else "built-in sample sentences"},
         "rows": rows,
         "int8_ratios": {"pqrnn_int8_smaller_than_bert": rows[bert_name]["fp32_bytes"] / rows["pqrnn_int8"]["fp32_bytes"],
@@ -258,5 +300,5 @@ def main(argv: list[str]) -> dict[str, Any]:
         "accuracy": accuracy,
         "seconds": time.perf_counter() - started,
     }
-    write_bench("architectures", payload, result, out_dir=args.out)
+    write_bench("architectures", payload, result, out_dir=args.out, timings=timer)
     return result

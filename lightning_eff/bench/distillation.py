@@ -14,19 +14,20 @@ Procedure: train the teacher (or load ``--teacher-ckpt``, e.g. the ``teacher/tea
 the same epochs and batches: with the ``Distillation`` callback and without it. All through the
 real Lightning path (``ClassificationTask`` + callbacks). Accuracy is measured on the whole test
 split with one CPU loop for every model; latency is the minimum over calls of all three models
-interleaved (a, b, c, a, b, c, ...; the median is beside it in the JSON) at batch 1 and 32 on real
-test inputs, every model at the same thread count.
+timed by the one interleaved timer (:func:`lightning_eff.measure.time_interleaved`: rounds of a, b, c,
+then b, c, a, ...; median, spread and the ``noisy`` flag beside it in the JSON) at batch 1 and 32 on
+real test inputs, every model at the same thread count.
 
 Final line: ``RESULT params_ratio=<student/teacher> latency_ratio_b1=<student/teacher>
 latency_ratio_b32=<student/teacher> acc_retained=<student KD acc / teacher acc>
-kd_gain_pts=<KD acc - no-KD acc, points> kd_vs_plain_student_latency_b1=<same architecture: ~1>``. ``--quick`` trains on a small slice for one epoch (the
-accuracy keys then come from that tiny run).
+kd_gain_pts=<KD acc - no-KD acc, points> kd_vs_plain_student_latency_b1=<same architecture: ~1>
+noisy=<1 when a latency figure came from rounds that disagree>``. ``--quick`` trains on a small slice for one
+epoch (the accuracy keys then come from that tiny run).
 """
 from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +36,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_eff.bench.common import bench_parser, set_threads, write_bench
-from lightning_eff.infra.footprint import count_parameters, format_table, interleaved_times, resize_batch, state_dict_bytes
-from lightning_eff.infra.report import evaluate_accuracy
+from lightning_eff.batch import resize_batch
+from lightning_eff.bench.common import Timings, bench_parser, set_threads, write_bench
+from lightning_eff.measure import (
+    count_parameters,
+    format_table,
+    state_dict_bytes,
+)
+from lightning_eff.report import evaluate_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +124,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--workdir", default=None,
                         help="keep the run files here (e.g. the teacher-logit cache train_logits.pt; default: a temp dir)")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     cfg = TASKS[args.task]
     limit = args.limit_train or (cfg["quick_limit"] if args.quick else None)
     epochs = args.epochs or (1 if args.quick else cfg["epochs"])
@@ -146,7 +152,8 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     test = dm.test_dataloader()
     rows: dict[str, dict[str, Any]] = {}
-    repeats = 5 if args.quick else 20
+    # (rounds, timed calls per round) at batch 1 and 32
+    schedule = {1: (5, 3), 32: (3, 2)} if args.quick else {1: (10, 6), 32: (5, 4)}
     models = {"teacher": teacher, "student_kd": kd, "student_no_kd": plain}
     for name, model in models.items():
         rows[name] = {"test_acc": evaluate_accuracy(model, test), "params": count_parameters(model),
@@ -154,13 +161,16 @@ def main(argv: list[str]) -> dict[str, Any]:
     # One interleaved timer for all three (a neighbour's burst hits every model alike; the minimum is each
     # model's own cost): timed one after the other, the KD student once read 159 ms and its identically
     # shaped plain twin 2.3 ms on a shared machine.
-    for batch, n in ((1, 3 * repeats), (32, max(6, repeats))):
+    timer = Timings()
+    for batch, (rounds, per_round) in schedule.items():
         inputs = resize_batch(dm.sample_inputs(max(batch, 32)), batch)
-        with torch.no_grad():
-            times = interleaved_times(models, inputs, repeats=n, warmup=3)
-        for name, ms in times.items():
-            rows[name][f"latency_ms_b{batch}"] = min(ms)
-            rows[name][f"latency_median_ms_b{batch}"] = statistics.median(ms)
+        timing = timer.time_models(f"latency_b{batch}", models, inputs, rounds=rounds, repeats=per_round, warmup=3,
+                                     threads=threads)
+        for name, v in timing.items():
+            rows[name][f"latency_ms_b{batch}"] = v.min_ms
+            rows[name][f"latency_median_ms_b{batch}"] = v.median_ms
+            rows[name][f"latency_spread_b{batch}"] = v.spread
+            rows[name][f"latency_noisy_b{batch}"] = v.noisy
     if args.task == "wordnet":
         from lightning_eff.learning.baselines import tfidf_svm_baseline
 
@@ -170,15 +180,17 @@ def main(argv: list[str]) -> dict[str, Any]:
     t, s, p = rows["teacher"], rows["student_kd"], rows["student_no_kd"]
     result = {
         "params_ratio": s["params"] / t["params"],
-        "latency_ratio_b1": s["latency_ms_b1"] / t["latency_ms_b1"],
-        "latency_ratio_b32": s["latency_ms_b32"] / t["latency_ms_b32"],
+        "latency_ratio_b1": timer.ratio("latency_ratio_b1", "latency_b1", "student_kd", "teacher"),
+        "latency_ratio_b32": timer.ratio("latency_ratio_b32", "latency_b32", "student_kd", "teacher"),
         "acc_retained": s["test_acc"] / max(t["test_acc"], 1e-9),
         "kd_gain_pts": 100.0 * (s["test_acc"] - p["test_acc"]),
         # the same architecture timed by the same harness: must read ~1 (0.87-1.15)
-        "kd_vs_plain_student_latency_b1": s["latency_ms_b1"] / p["latency_ms_b1"],
+        "kd_vs_plain_student_latency_b1": timer.ratio("kd_vs_plain_student_latency_b1", "latency_b1", "student_kd",
+                                                        "student_no_kd"),
     }
     payload = {"task": args.task, "epochs": epochs, "limit_train": limit, "train_examples": len(dm.train_dataloader().dataset),
                "teacher_ckpt": args.teacher_ckpt, "rows": rows, "timings_s": timings, "distill": cfg["distill"],
-               "quick": args.quick}
-    write_bench("distillation" if args.task == "wordnet" else f"distillation_{args.task}", payload, result, args.out)
+               "quick": args.quick, "timing_schedule": {f"b{b}": {"rounds": r, "repeats": n} for b, (r, n) in schedule.items()}}
+    write_bench("distillation" if args.task == "wordnet" else f"distillation_{args.task}", payload, result, args.out,
+                timings=timer)
     return result

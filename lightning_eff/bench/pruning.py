@@ -7,14 +7,16 @@ Measures, in one process with a fixed thread count:
     after the optimizer step, plus one global mask update amortized every 50 steps as in the
     recipe), and a step with the reparametrization Lightning's ``ModelPruning`` applies
     (``torch.nn.utils.prune``: a forward pre-hook recomputes ``weight_orig * weight_mask``), the
-    three *alternated step by step* so that a neighbour process slows them alike; ratios of the
-    medians. ``--lightning-runs`` adds whole interleaved ``Trainer.fit`` runs of the three callbacks
-    (same model and data), which include Lightning's own per-step cost but are noisy on shared CPUs;
+    three (and the mask update itself) *interleaved* by the one timer
+    (:func:`lightning_eff.measure.time_interleaved`) so that a neighbour process slows them alike;
+    ratios of the medians. ``--lightning-runs`` adds whole interleaved ``Trainer.fit`` runs of the
+    three callbacks (same model and data, per-step time = fit time / steps), which include
+    Lightning's own per-step cost but are noisy on shared CPUs;
 (b) **structured 50%**: MobileNetV2 (width 1.0, 3×224×224) with half of *every* prunable channel
     group removed (:func:`prune_channels`): the blocks' expansion channels, the head, and the
     residual streams between blocks (stem, each stage's output, coupled through the skip adds);
-    CPU latency at batch 1 and 32 relative to dense (calls interleaved; ratio of the minimum times,
-    medians in the JSON), in eager mode, as the TorchScript ``.pt`` our ``Export`` writes, loaded
+    CPU latency at batch 1 and 32 relative to dense (timed interleaved; ratio of the minimum times,
+    medians and spreads in the JSON), in eager mode, as the TorchScript ``.pt`` our ``Export`` writes, loaded
     back from disk (``structured50_exported_b*``), and as TorchScript at its fastest in-process
     (traced, frozen: BN folded, ``optimize_for_inference``; ``structured50_deployed_b*``), and as the
     ExecuTorch ``.pte`` (XNNPACK delegate) our ``export_executorch`` writes, loaded back and run by the
@@ -31,14 +33,16 @@ sparsity and budget (``--epochs``, ``--train-examples``). Expensive: run it on a
 
 Final line: ``RESULT step_overhead=<r> overhead_vs_modelpruning=<r> structured50_latency_b1=<r>
 structured50_latency_b32=<r> structured50_exported_b1=<r> structured50_exported_b32=<r> structured50_deployed_b1=<r>
-structured50_deployed_b32=<r> sparse90_bytes=<r> [structured50_executorch_b1=<r> structured50_executorch_b32=<r>]``.
+structured50_deployed_b32=<r> sparse90_bytes=<r> [structured50_executorch_b1=<r> structured50_executorch_b32=<r>]
+noisy=<0|1>``; ``noisy=1`` when a timed figure came from rounds that disagree (the JSON's ``timings`` names them).
 """
 from __future__ import annotations
 
 import copy
+import functools
 import io
+import itertools
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -50,12 +54,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_eff.bench.common import bench_parser, set_threads, write_bench
+from lightning_eff.bench.common import Timings, bench_parser, set_threads, write_bench
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.compression.pruning import prune, prune_channels, sparse_state_dict
 from lightning_eff.compression.pruning.sparse_format import serialize_sparse
 from lightning_eff.errors import ConfigError, ExportUnavailableError
-from lightning_eff.infra.footprint import count_macs, count_parameters, gzip_size, interleaved_times
+from lightning_eff.measure import (
+    count_macs,
+    count_parameters,
+    gzip_size,
+)
 from lightning_eff.models import create_model
 from lightning_eff.schedules import polynomial_decay
 
@@ -77,23 +85,6 @@ class _Task(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-5)
-
-
-class _StepTimer(L.Callback):
-    """Wall-clock between consecutive batch starts (and to the end of training), after a warm-up."""
-
-    def __init__(self, skip: int = 2):
-        self.skip, self.stamps = skip, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.stamps.append(time.perf_counter())
-
-    def on_train_end(self, trainer, pl_module):
-        self.stamps.append(time.perf_counter())
-
-    def step_ms(self) -> list[float]:
-        s = self.stamps[self.skip:]
-        return [1000.0 * (b - a) for a, b in zip(s, s[1:])]
 
 
 def _model_pruning(amounts_per_epoch: list[float], model: nn.Module, structured: bool = False) -> L.Callback:
@@ -126,34 +117,45 @@ def _fit(model: nn.Module, loader: DataLoader, callbacks: list, epochs: int, lim
     trainer.fit(_Task(model), loader)
 
 
-def step_overhead(steps: int, repeats: int, batch: int = 64) -> dict[str, Any]:
-    """(a): mean step time of plain / Pruning / ModelPruning; runs interleaved, each step's minimum over the repeats."""
+def step_overhead(steps: int, repeats: int, timer: Timings, batch: int = 64) -> dict[str, Any]:
+    """(a) with Lightning: mean step time of plain / Pruning / ModelPruning fits, the fits interleaved.
+
+    Each variant is a whole ``Trainer.fit`` (a fresh network, same data, 2 epochs) timed by the one
+    interleaved timer (timing ``"lightning_runs"``: one untimed fit each, then ``repeats`` rounds),
+    at two lengths: ``steps // 2`` steps per epoch and 1 step per epoch (``<variant>_short``). The
+    step time is the difference of the two fastest fits over the difference in steps, so the
+    Trainer's setup (seconds, the same in both) cancels, and the steps' Lightning cost, the mask
+    updates and ModelPruning's epoch-end pruning beyond those of the short fit stay in.
+
+    Raises:
+        ConfigError: ``steps < 4`` (the long fit needs at least 2 steps per epoch).
+    """
+    if steps < 4:
+        raise ConfigError(f"--steps={steps}: --lightning-runs needs at least 4 (2 epochs of at least 2 steps).")
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(batch * steps, 1, 32, 32, generator=g), torch.randint(0, 10, (batch * steps,), generator=g))
     loader = DataLoader(data, batch_size=batch)
-    epochs, per_epoch = 2, steps // 2
-    runs: dict[str, list[list[float]]] = {"plain": [], "pruning": [], "model_pruning": []}
-    order = list(runs)
-    for r in range(repeats):
-        for variant in order[r % 3:] + order[: r % 3]:
-            torch.manual_seed(0)
-            timer = _StepTimer()
-            if variant == "plain":
-                cbs = [timer]
-            elif variant == "pruning":
-                cbs = [timer, Pruning(amount=0.75, schedule="polynomial", frequency=max(1, steps // 4), end_fraction=0.75,
-                                      export_sparse=None)]
-            model = create_model("mobilenetv2", **SMALL)
-            if variant == "model_pruning":
-                cbs = [timer, _model_pruning([0.6, 0.75], model)]
-            _fit(model, loader, cbs, epochs, per_epoch)
-            runs[variant].append(timer.step_ms())
-    # Step i does the same work in every repeat (same data, same mask-update steps): its minimum over
-    # the repeats is its cost without a neighbour's interference; the mean over steps amortizes the
-    # mask updates and ModelPruning's epoch-end pruning.
-    per_step = {k: [min(col) for col in zip(*v)] for k, v in runs.items()}
-    mean = {k: statistics.fmean(v) for k, v in per_step.items()}
-    return {"step_ms": mean, "step_ms_runs": runs, "steps": steps, "batch": batch, "repeats": repeats,
+    epochs, per_epoch, short = 2, steps // 2, 1
+
+    def fit(variant: str, per_epoch: int) -> None:
+        torch.manual_seed(0)
+        model = create_model("mobilenetv2", **SMALL)
+        cbs: list = []
+        if variant == "pruning":
+            cbs = [Pruning(amount=0.75, schedule="polynomial", frequency=max(1, steps // 4), end_fraction=0.75, export_sparse=None)]
+        elif variant == "model_pruning":
+            cbs = [_model_pruning([0.6, 0.75], model)]
+        _fit(model, loader, cbs, epochs, per_epoch)
+
+    variants = ("plain", "pruning", "model_pruning")
+    fits = {}
+    for k in variants:
+        fits[k] = functools.partial(fit, k, per_epoch)
+        fits[f"{k}_short"] = functools.partial(fit, k, short)
+    timing = timer.time("lightning_runs", fits, rounds=repeats, repeats=1, warmup=1)
+    mean = {k: (timing[k].min_ms - timing[f"{k}_short"].min_ms) / (epochs * (per_epoch - short)) for k in variants}
+    return {"step_ms": mean, "fit_ms": timing.rows(), "steps": epochs * per_epoch, "short_steps": epochs * short, "batch": batch,
+            "repeats": repeats,
             "pruning_settings": f"polynomial to 0.75, mask update every {max(1, steps // 4)} steps, logging on (amortized in the mean)",
             "model_pruning_settings": "l1_unstructured, global over conv/linear weights but the stem, pruned at both epoch "
                                       "ends (0.6 then 0.75), no lottery ticket",
@@ -171,16 +173,23 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
         pruner.after_optimizer_step()
 
 
-def step_overhead_alternating(steps: int, batch: int = 64, frequency: int = 50, amount: float = 0.75) -> dict[str, Any]:
-    """(a), robust form: plain / ours / ``torch.nn.utils.prune`` steps *alternated* one by one.
+def _schedule(calls: int) -> tuple[int, int]:
+    """``(rounds, timed calls per round)`` for about ``calls`` timed calls: 5 rounds up to 15 calls, 10 above."""
+    rounds = min(calls, 5 if calls <= 15 else 10)
+    return rounds, max(1, calls // rounds)
+
+
+def step_overhead_alternating(steps: int, timer: Timings, batch: int = 64, frequency: int = 50, amount: float = 0.75) -> dict[str, Any]:
+    """(a), robust form: plain / ours / ``torch.nn.utils.prune`` steps *interleaved* by the one timer.
 
     Three copies of the same network train on the same batch: plain; with our :class:`Pruner`
     (masks at ``amount``, gradient masking before and weight masking after every step); and with
     the reparametrization Lightning's ``ModelPruning`` installs (``prune.global_unstructured`` with
     L1: ``weight = weight_orig * weight_mask`` recomputed by a forward pre-hook at every forward).
-    Alternating step by step makes a neighbour process slow all three alike. Our mask update cost
-    (one global re-ranking) is amortized at the recipe's ``frequency``; ModelPruning's epoch-end
-    pruning (once per ~430 steps on Fashion-MNIST) is not charged to it.
+    Interleaving (timing ``"step_overhead"``: about ``steps`` timed steps per variant, in rounds,
+    after two untimed ones) makes a neighbour process slow all three alike. Our mask update cost
+    (one global re-ranking, timed in the same rounds) is amortized at the recipe's ``frequency``;
+    ModelPruning's epoch-end pruning (once per ~430 steps on Fashion-MNIST) is not charged to it.
     """
     from torch.nn.utils import prune as torch_prune
 
@@ -192,41 +201,38 @@ def step_overhead_alternating(steps: int, batch: int = 64, frequency: int = 50, 
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5) for k, m in models.items()}
     pruner = Pruner(PruningConfig(amount=amount, schedule="constant", exclude=["conv_stem"]))
     pruner.attach(models["pruning"], total_steps=steps)
-    update_ms = []
-    for _ in range(3):
-        start = time.perf_counter()
-        pruner.update(amount, [opts["pruning"]])
-        update_ms.append((time.perf_counter() - start) * 1000.0)
+    pruner.update(amount, [opts["pruning"]])
     targets = [(m, "weight") for n, m in models["model_pruning"].named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "conv_stem"]
     torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=amount)
     opts["model_pruning"] = torch.optim.SGD(models["model_pruning"].parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 1, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
-    for i in range(steps + 2):
-        for k in names[i % 3:] + names[: i % 3]:  # rotate, so no variant always runs first
-            m = models[k]
-            start = time.perf_counter()
-            _train_step(m, opts[k], x, y, pruner if k == "pruning" else None, i)
-            if i >= 2:
-                times[k].append((time.perf_counter() - start) * 1000.0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ours = med["pruning"] + statistics.median(update_ms) / frequency
-    return {"step_ms_median": med, "step_ms": times, "mask_update_ms": update_ms, "frequency": frequency, "batch": batch,
-            "steps": steps, "ours_amortized_ms": ours, "step_overhead": ours / med["plain"],
-            "model_pruning_overhead": med["model_pruning"] / med["plain"], "overhead_vs_modelpruning": ours / med["model_pruning"]}
+    counter = itertools.count()
+    calls = {k: (lambda k=k: _train_step(models[k], opts[k], x, y, pruner if k == "pruning" else None, next(counter)))
+             for k in models}
+    calls["mask_update"] = lambda: pruner.update(amount, [opts["pruning"]])
+    rounds, per_round = _schedule(steps)
+    timing = timer.time("step_overhead", calls, rounds=rounds, repeats=per_round, warmup=2)
+    med = timing.stat("median_ms")
+    ours = med["pruning"] + med["mask_update"] / frequency
+    sources = {"step_overhead": ["pruning", "mask_update", "plain"], "overhead_vs_modelpruning": ["pruning", "mask_update", "model_pruning"]}
+    return {"step_ms_median": {k: med[k] for k in models}, "timing": timing.rows(), "mask_update_ms": med["mask_update"],
+            "frequency": frequency, "batch": batch, "steps": rounds * per_round, "ours_amortized_ms": ours,
+            "step_overhead": ours / med["plain"], "model_pruning_overhead": med["model_pruning"] / med["plain"],
+            "overhead_vs_modelpruning": ours / med["model_pruning"], "sources": sources}
 
 
-def paired_latency(models: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """``{name: {"median": ms, "min": ms}}`` per call, calls interleaved (a, b, a, b, ...).
+def paired_latency(timer: Timings, label: str, models: dict[str, nn.Module], x: torch.Tensor, warmup: int,
+                   repeats: int) -> dict[str, dict[str, Any]]:
+    """``{name: timing row}`` (``min_ms``, ``median_ms``, ``spread``, ``noisy``...), the models timed interleaved.
 
-    Interleaving makes a neighbour's burst hit both variants alike. On a shared machine the
-    *minimum* is the better estimate of a model's own cost (contention only ever adds time), so
-    ratios use it; the medians are kept beside it.
+    Through the one timer (stored in ``timer`` under ``label``; about ``repeats`` timed calls per
+    model, in rounds). Interleaving makes a neighbour's burst hit every variant alike. On a shared
+    machine the *minimum* is the better estimate of a model's own cost (contention only ever adds
+    time), so ratios use it; the medians are kept beside it.
     """
-    times = interleaved_times(models, x, repeats=repeats, warmup=warmup)
-    return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
+    rounds, per_round = _schedule(repeats)
+    return timer.time_models(label, models, x, rounds=rounds, repeats=per_round, warmup=warmup).rows()
 
 
 def deployed(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
@@ -242,7 +248,7 @@ def deployed(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
 
 def exported(model: nn.Module, x: torch.Tensor, folder: str) -> torch.jit.ScriptModule:
     """The artifact a user ships: written by our ``export_torchscript`` (``Export(formats=["pt"])``), loaded back."""
-    from lightning_eff.infra.export import export_torchscript
+    from lightning_eff.export import export_torchscript
 
     path = os.path.join(folder, f"{id(model)}.pt")
     with warnings.catch_warnings():
@@ -254,7 +260,7 @@ def exported(model: nn.Module, x: torch.Tensor, folder: str) -> torch.jit.Script
 def executorch_program(model: nn.Module, x: torch.Tensor, folder: str) -> Any:
     """The maintained deployment path: our ``export_executorch`` (XNNPACK delegate) ``.pte``, loaded back
     and run by the ExecuTorch runtime (static shapes: one program per batch size)."""
-    from lightning_eff.infra.export import export_executorch, load_artifact
+    from lightning_eff.export import export_executorch, load_artifact
 
     path = os.path.join(folder, f"{id(model)}_{x.shape[0]}.pte")
     with warnings.catch_warnings():
@@ -263,8 +269,11 @@ def executorch_program(model: nn.Module, x: torch.Tensor, folder: str) -> Any:
     return load_artifact(path)
 
 
-def structured_latency(quick: bool) -> dict[str, Any]:
-    """(b): dense vs 50%-channel MobileNetV2 at 224×224 (plus the 32×32 training configuration)."""
+def structured_latency(quick: bool, timer: Timings) -> dict[str, Any]:
+    """(b): dense vs 50%-channel MobileNetV2 at 224×224 (plus the 32×32 training configuration).
+
+    Timings are stored in ``timer`` as ``structured50/<config>/b<batch>/<eager|deployed|exported|executorch>``.
+    """
     out: dict[str, Any] = {}
     for label, kwargs, res in (("mnv2_w1.0_224", LARGE, 224), ("mnv2_w0.5_32", SMALL, 32)):
         torch.manual_seed(0)
@@ -278,40 +287,41 @@ def structured_latency(quick: bool) -> dict[str, Any]:
         for b in (1, 32):
             x = torch.randn(b, kwargs["in_chans"], res, res)
             reps = (3 if b == 32 else 15) if quick else (10 if b == 32 else 50)
-            ms = paired_latency({"dense": dense, "pruned": small, "expansion_only": blocks_only}, x,
+            key = f"structured50/{label}/b{b}"
+            ms = paired_latency(timer, f"{key}/eager", {"dense": dense, "pruned": small, "expansion_only": blocks_only}, x,
                                 warmup=1 if b == 32 else 3, repeats=reps)
             row[f"dense_ms_b{b}"], row[f"pruned_ms_b{b}"] = ms["dense"], ms["pruned"]
             row[f"expansion_only_ms_b{b}"] = ms["expansion_only"]
-            row[f"ratio_b{b}"] = ms["pruned"]["min"] / ms["dense"]["min"]
-            row[f"median_ratio_b{b}"] = ms["pruned"]["median"] / ms["dense"]["median"]
-            row[f"expansion_only_ratio_b{b}"] = ms["expansion_only"]["min"] / ms["dense"]["min"]
+            row[f"ratio_b{b}"] = ms["pruned"]["min_ms"] / ms["dense"]["min_ms"]
+            row[f"median_ratio_b{b}"] = ms["pruned"]["median_ms"] / ms["dense"]["median_ms"]
+            row[f"expansion_only_ratio_b{b}"] = ms["expansion_only"]["min_ms"] / ms["dense"]["min_ms"]
             # eager fp32 pays a fixed per-operator cost (about half of the dense batch-1 time at 224²) that
             # removing channels cannot reduce; the deployed TorchScript graph (BN folded, ops fused) does not
             # (TorchScript's profiling executor optimizes the graph over the first calls: warm up longer)
-            js = paired_latency({"dense": deployed(dense, x), "pruned": deployed(small, x)}, x,
+            js = paired_latency(timer, f"{key}/deployed", {"dense": deployed(dense, x), "pruned": deployed(small, x)}, x,
                                 warmup=3 if b == 32 else 10, repeats=reps)
             row[f"deployed_dense_ms_b{b}"], row[f"deployed_pruned_ms_b{b}"] = js["dense"], js["pruned"]
-            row[f"deployed_ratio_b{b}"] = js["pruned"]["min"] / js["dense"]["min"]
+            row[f"deployed_ratio_b{b}"] = js["pruned"]["min_ms"] / js["dense"]["min_ms"]
             with tempfile.TemporaryDirectory() as folder:
-                ex = paired_latency({"dense": exported(dense, x, folder), "pruned": exported(small, x, folder)}, x,
-                                    warmup=3 if b == 32 else 10, repeats=reps)
+                ex = paired_latency(timer, f"{key}/exported", {"dense": exported(dense, x, folder), "pruned": exported(small, x, folder)},
+                                    x, warmup=3 if b == 32 else 10, repeats=reps)
             row[f"exported_dense_ms_b{b}"], row[f"exported_pruned_ms_b{b}"] = ex["dense"], ex["pruned"]
-            row[f"exported_ratio_b{b}"] = ex["pruned"]["min"] / ex["dense"]["min"]
+            row[f"exported_ratio_b{b}"] = ex["pruned"]["min_ms"] / ex["dense"]["min_ms"]
             try:
                 with tempfile.TemporaryDirectory() as folder:
-                    et = paired_latency({"dense": executorch_program(dense, x, folder), "pruned": executorch_program(small, x, folder)},
-                                        x, warmup=2 if b == 32 else 5, repeats=reps)
+                    programs = {"dense": executorch_program(dense, x, folder), "pruned": executorch_program(small, x, folder)}
+                    et = paired_latency(timer, f"{key}/executorch", programs, x, warmup=2 if b == 32 else 5, repeats=reps)
             except ExportUnavailableError as err:  # executorch is the optional `export` extra
                 row["executorch_unavailable"] = str(err)
                 continue
             row[f"executorch_dense_ms_b{b}"], row[f"executorch_pruned_ms_b{b}"] = et["dense"], et["pruned"]
-            row[f"executorch_ratio_b{b}"] = et["pruned"]["min"] / et["dense"]["min"]
+            row[f"executorch_ratio_b{b}"] = et["pruned"]["min_ms"] / et["dense"]["min_ms"]
         out[label] = row
     return out
 
 
-def sparse_artifact(quick: bool) -> dict[str, Any]:
-    """(c): bytes of the 90%-sparse artifact vs dense, and whether the sparsity bought latency."""
+def sparse_artifact(quick: bool, timer: Timings) -> dict[str, Any]:
+    """(c): bytes of the 90%-sparse artifact vs dense, and whether the sparsity bought latency (timing ``sparse90/b1``)."""
     torch.manual_seed(0)
     model = create_model("mobilenetv2", **LARGE).eval()
     dense_model = copy.deepcopy(model)
@@ -325,10 +335,11 @@ def sparse_artifact(quick: bool) -> dict[str, Any]:
         blob = serialize_sparse(sparse_state_dict(state, values))
         row[f"sparse_{values}_bytes"], row[f"sparse_{values}_gzip_bytes"] = len(blob), gzip_size(blob)
         row[f"ratio_{values}"] = len(blob) / len(dense)
-    ms = paired_latency({"dense": dense_model, "sparse90": model}, torch.randn(1, 3, 224, 224), warmup=3, repeats=15 if quick else 50)
+    ms = paired_latency(timer, "sparse90/b1", {"dense": dense_model, "sparse90": model}, torch.randn(1, 3, 224, 224), warmup=3,
+                        repeats=15 if quick else 50)
     row["dense_latency_ms_b1"], row["sparse90_latency_ms_b1"] = ms["dense"], ms["sparse90"]
-    row["latency_ratio_b1"] = ms["sparse90"]["min"] / ms["dense"]["min"]
-    row["median_latency_ratio_b1"] = ms["sparse90"]["median"] / ms["dense"]["median"]
+    row["latency_ratio_b1"] = ms["sparse90"]["min_ms"] / ms["dense"]["min_ms"]
+    row["median_latency_ratio_b1"] = ms["sparse90"]["median_ms"] / ms["dense"]["median_ms"]
     row["latency_gain"] = row["latency_ratio_b1"] < 0.9
     row["latency_note"] = ("unstructured 90% sparsity buys no CPU speed-up: fp32 eager runs dense oneDNN/MKL kernels that "
                            "multiply the zeros (and the x86/QNNPACK int8 kernels are dense too); the gain is storage only")
@@ -385,7 +396,7 @@ def table1(epochs: int, train_examples: int | None, test_examples: int | None, t
            only: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     """Table 1 analog on Fashion-MNIST: ours vs ModelPruning at the same sparsity and budget (``only``: a subset of rows)."""
     from lightning_eff.data import FashionMNISTDataModule
-    from lightning_eff.infra.report import evaluate_accuracy
+    from lightning_eff.report import evaluate_accuracy
     from lightning_eff.tasks import ClassificationTask
 
     rows: dict[str, Any] = {}
@@ -455,12 +466,13 @@ def main(argv: list[str]) -> dict[str, Any]:
             result.update({f"{k}_drop_pts": 100.0 * (dense - v["test_acc"]) for k, v in rows["rows"].items() if k != "dense"})
         write_bench("pruning_table1", rows, result, args.out)
         return result
-    overhead = step_overhead_alternating(steps)
-    structured = structured_latency(args.quick)
-    artifact = sparse_artifact(args.quick)
+    timer = Timings()
+    overhead = step_overhead_alternating(steps, timer)
+    structured = structured_latency(args.quick, timer)
+    artifact = sparse_artifact(args.quick, timer)
     payload: dict[str, Any] = {"overhead": overhead, "structured50": structured, "sparse90": artifact, "quick": args.quick}
     if args.lightning_runs:
-        payload["lightning_runs"] = step_overhead(steps, repeats)
+        payload["lightning_runs"] = step_overhead(steps, repeats, timer)
     if args.table1:
         payload["table1"] = table1(args.epochs, args.train_examples, args.test_examples, threads, args.table1_rows, args.seed)
     big = structured["mnv2_w1.0_224"]
@@ -477,7 +489,15 @@ def main(argv: list[str]) -> dict[str, Any]:
     }
     if "executorch_ratio_b1" in big:  # the `export` extra installed
         result.update(structured50_executorch_b1=big["executorch_ratio_b1"], structured50_executorch_b32=big["executorch_ratio_b32"])
-    write_bench("pruning", payload, result, args.out)
+    for key, variants in overhead["sources"].items():
+        timer.figure(key, result[key], [("step_overhead", v) for v in variants])
+    for b in (1, 32):
+        for key, form in ((f"structured50_latency_b{b}", "eager"), (f"structured50_exported_b{b}", "exported"),
+                          (f"structured50_deployed_b{b}", "deployed"), (f"structured50_executorch_b{b}", "executorch")):
+            if key in result:
+                label = f"structured50/mnv2_w1.0_224/b{b}/{form}"
+                timer.figure(key, result[key], [(label, "pruned"), (label, "dense")])
+    write_bench("pruning", payload, result, args.out, timings=timer)
     return result
 
 

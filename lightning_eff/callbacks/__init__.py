@@ -1,9 +1,12 @@
 """Lightning callbacks: each decides *when* a technique of the functional core runs."""
 from lightning_eff.callbacks.distillation import Distillation
-from lightning_eff.callbacks.footprint import FootprintMonitor
 from lightning_eff.callbacks.export import Export
+from lightning_eff.callbacks.footprint import FootprintMonitor
 from lightning_eff.callbacks.pruning import Pruning
-from lightning_eff.callbacks.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_eff.callbacks.quantization import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_eff.callbacks.weight_only import WeightOnlyQuantization
 
 __all__ = ["Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]

@@ -1,22 +1,21 @@
-"""Helpers every callback shares: which submodule to operate on, example inputs, CPU copies."""
+"""Helpers every callback shares: which attribute of the LightningModule is the network, real example inputs.
+
+Batch conventions live in :mod:`lightning_eff.batch`, submodule surgery in :mod:`lightning_eff.surgery`.
+"""
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_eff.data.indexed import IndexedBatch
+from lightning_eff.batch import model_inputs, resize_batch, to_cpu
 from lightning_eff.errors import ConfigError, did_you_mean
-from lightning_eff.infra.footprint import call_with_inputs, resize_batch
 
-__all__ = ["DEFAULT_MODULE_ATTR", "module_attributes", "check_module_attr", "target_module", "set_target_module", "get_submodule", "check_submodule", "set_submodule", "submodule_inputs",
-           "example_inputs",
-           "model_inputs", "to_cpu", "cpu_copy"]
+__all__ = ["DEFAULT_MODULE_ATTR", "module_attributes", "check_module_attr", "target_module", "set_target_module", "example_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -82,101 +81,6 @@ def set_target_module(pl_module: nn.Module, attr: str | None, model: nn.Module, 
     parent, _, name = attr.rpartition(".")
     setattr(pl_module.get_submodule(parent) if parent else pl_module, name, model)
 
-
-def get_submodule(net: nn.Module, path: str, option: str = "submodule") -> nn.Module:
-    """``net.<path>`` (dotted), or a ConfigError naming the option and the submodules that exist."""
-    try:
-        return net.get_submodule(path)
-    except AttributeError:
-        names = [n for n, _ in net.named_modules() if n and n.count(".") < 2][:20]
-        raise ConfigError(f"{option}={path!r}: {type(net).__name__} has no submodule of that name; it has {names}.") from None
-
-
-def check_submodule(submodule: Any, option: str = "submodule") -> str | None:
-    """A dotted submodule name or ``None``; anything else is a ConfigError naming the option."""
-    if submodule is not None and (not isinstance(submodule, str) or not submodule):
-        raise ConfigError(f"{option}={submodule!r} must be a dotted submodule name (e.g. 'encoder') or null.")
-    return submodule
-
-
-def set_submodule(net: nn.Module, path: str, module: nn.Module, option: str = "submodule") -> None:
-    """Replace ``net.<path>`` (dotted) by ``module``."""
-    get_submodule(net, path, option)
-    parent, _, name = path.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, name, module)
-
-
-class _Captured(Exception):
-    pass
-
-
-@torch.no_grad()
-def submodule_inputs(net: nn.Module, path: str, inputs: Any, option: str = "submodule") -> tuple:
-    """The positional arguments ``net.<path>`` receives when ``net`` runs on ``inputs``.
-
-    How a submodule is traced for quantization when the whole network cannot be (the projection
-    models hash raw strings in Python before their tensor-only ``encoder``). ``net`` runs in eval
-    mode up to the submodule's call only (a forward pre-hook records the arguments and stops it),
-    and every module's train/eval mode is restored afterwards.
-
-    Raises:
-        ConfigError: the submodule does not exist, is never called, or is called with keyword arguments.
-    """
-    inner = get_submodule(net, path, option)
-    captured: list[tuple] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs:
-            raise ConfigError(f"{option}={path!r} is called with keyword arguments {sorted(kwargs)}; "
-                              "graph-mode quantization traces positional tensor inputs only.")
-        captured.append(tuple(a.detach().cpu() if isinstance(a, Tensor) else a for a in args))
-        raise _Captured
-
-    modes = {m: m.training for m in net.modules()}
-    handle = inner.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        net.eval()
-        call_with_inputs(net, inputs)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    if not captured:
-        raise ConfigError(f"{option}={path!r}: {type(net).__name__}.forward never called that submodule on the example inputs.")
-    return captured[0]
-
-
-def model_inputs(batch: Any) -> Any:
-    """Inputs part of a dataloader batch: ``batch[0]`` of a tuple/list, a dict minus its labels.
-
-    An :class:`~lightning_eff.data.indexed.IndexedBatch` (training batches while offline
-    distillation is on) is unwrapped first: its index tensor is not an input.
-    """
-    if isinstance(batch, IndexedBatch):
-        batch = batch.batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    return batch
-
-
-def to_cpu(value: Any) -> Any:
-    """Detach and move tensors (nested in dicts/lists) to CPU."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, Mapping):
-        return {k: to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_cpu(v) for v in value)
-    return value
-
-
-def cpu_copy(model: nn.Module) -> nn.Module:
-    """A CPU copy in eval mode, so measuring or converting never touches the model being trained."""
-    return copy.deepcopy(model).cpu().eval()
 
 
 def _first_batch(loaders: Any) -> Any:

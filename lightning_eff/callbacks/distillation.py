@@ -45,22 +45,40 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from lightning_eff.batch import IndexedBatch, call_with_inputs
 from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import module_attributes
-from lightning_eff.callbacks.distillation_utils import (
-    dataset_labels, ensure_in_optimizer, module_feature, sequential_indexed_loader,
-)
-from lightning_eff.data.indexed import IndexCollate, IndexedBatch
+from lightning_eff.data.indexed import IndexCollate
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.learning.distillation.losses import (
-    FEATURE_LOSSES, check_logit_shapes, check_temperature, check_weight, kd_loss, make_projection,
+    FEATURE_LOSSES,
+    check_logit_shapes,
+    check_temperature,
+    check_weight,
+    kd_loss,
+    make_projection,
 )
 from lightning_eff.learning.distillation.offline import (
-    TeacherLogitCache, compute_teacher_logits, default_output_fn, model_fingerprint, pseudo_label,
+    TeacherLogitCache,
+    compute_teacher_logits,
+    default_output_fn,
+    model_fingerprint,
+    pseudo_label,
 )
-from lightning_eff.infra.footprint import call_with_inputs
+from lightning_eff.learning.distillation.plumbing import (
+    dataset_labels,
+    ensure_in_optimizer,
+    module_feature,
+    sequential_indexed_loader,
+)
+from lightning_eff.learning.distillation.teacher import (
+    check_not_student,
+    freeze_teacher,
+    load_teacher,
+)
+from lightning_eff.naming import canonical_name
 from lightning_eff.schedules import ScheduledValue
-from lightning_eff.learning.distillation.teacher import check_not_student, freeze_teacher, load_teacher
+from lightning_eff.surgery import canonical_modules
 from lightning_eff.validation import check_bool, check_choice, check_number
 
 __all__ = ["Distillation"]
@@ -186,6 +204,18 @@ class Distillation(EffCallback):
         self._patched: L.LightningModule | None = None
         self._total_steps: float | None = None
         self._warned_calls = False
+        self._pending_teacher_state: dict[str, Any] | None = None  # load_state_dict before setup loaded the teacher
+        self._state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        # Two instances (e.g. two teachers) must not share a checkpoint slot. The teacher is named by its spec
+        # (path, model name) or, for a module, by its weights' fingerprint: stable across runs, unlike id().
+        if self._state_key is None:
+            self._state_key = self.state_key_of(teacher=_spec_key(self.teacher_spec), cache=self.cache_path,
+                                                layers=tuple((p["student"], p["teacher"]) for p in self.pairs) or None,
+                                                module_attr=self.module_attr)
+        return self._state_key
 
     # ------------------------------------------------------------------------------ options
     @staticmethod
@@ -203,6 +233,7 @@ class Distillation(EffCallback):
 
     # ------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit" or self._patched is not None:
             return
         if not pl_module.automatic_optimization:
@@ -213,13 +244,19 @@ class Distillation(EffCallback):
         if self.teacher is not None:
             check_not_student(self.teacher, pl_module)
             freeze_teacher(self.teacher)
+            if self._pending_teacher_state is not None:
+                self.teacher.load_state_dict(self._pending_teacher_state)
+                self._pending_teacher_state = None
         self._bind_student(student)
         if self.pairs:
             self._hook_layers("teacher", self.teacher, self._handles)
             self._build_projections(trainer, pl_module, student)
         if self.pseudo_labels is not None and not self.pseudo_label_stats:
             self._add_pseudo_labels(trainer, pl_module)
-        if self.cache_path is not None:
+        if self.cache_path is not None and trainer.fast_dev_run and self.teacher is not None:
+            # a smoke run of one batch must not first run the teacher over the whole training set
+            log.info("Distillation: fast_dev_run: teacher logits computed online for the batch; cache=%s is not built.", self.cache_path)
+        elif self.cache_path is not None:
             self._prepare_cache(trainer, pl_module)
         self._wrap_training_step(pl_module)
 
@@ -254,9 +291,11 @@ class Distillation(EffCallback):
         self._student = student
 
     def _hook_layers(self, side: str, net: nn.Module, handles: list, replaced: bool = False) -> None:
-        names = dict(net.named_modules())
+        names = canonical_modules(net)  # layer names of the plain network also hold under torch.compile / checkpoint wrappers
         for pair in self.pairs:
-            name = pair[side]
+            name = canonical_name(pair[side])
+            if name not in names:
+                name = pair[side]
             if name not in names:
                 why = (f" The student network is now a {type(net).__name__} (another callback, e.g. QAT, rewrote it; "
                        "fused layers such as BatchNorm no longer exist): map modules that survive the rewrite.") if replaced else ""
@@ -267,10 +306,14 @@ class Distillation(EffCallback):
             store = self._features[side]
             attention = pair["loss"] == "attention_kl"
 
-            def hook(module, args, output, store=store, name=name, attention=attention):
+            def hook(module, args, output, store=store, name=pair[side], attention=attention):
                 store[name] = module_feature(output, attention, name)
 
             handles.append(names[name].register_forward_hook(hook))
+        if any(type(m).__name__ == "OptimizedModule" for m in net.modules()):
+            # torch.compile does not guard on hooks added after a graph was captured (they would never
+            # fire): drop the captured graphs so the next call traces the layer hooks in.
+            torch._dynamo.reset()
 
     def _current_student(self, pl_module: L.LightningModule) -> nn.Module:
         """The student network, hooks re-bound first if it was replaced since they were attached."""
@@ -502,8 +545,23 @@ class Distillation(EffCallback):
     def state_dict(self) -> dict[str, Any]:
         if self.save_teacher and self.teacher is not None:
             return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}}
+        if self.save_teacher and self._pending_teacher_state is not None:
+            return {"teacher": dict(self._pending_teacher_state)}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "teacher" in state_dict and self.teacher is not None:
+        if "teacher" not in state_dict:
+            return
+        if self.teacher is not None:
             self.teacher.load_state_dict(state_dict["teacher"])
+        else:  # the teacher is built in setup(): keep the weights until then instead of dropping them
+            self._pending_teacher_state = dict(state_dict["teacher"])
+
+
+def _spec_key(spec: Any) -> Any:
+    """A teacher spec as a stable, readable part of ``state_key``: a module by its weights' fingerprint."""
+    if isinstance(spec, nn.Module):
+        return f"{type(spec).__name__}:{model_fingerprint(spec)}"
+    if isinstance(spec, Mapping):
+        return tuple(sorted((str(k), _spec_key(v)) for k, v in spec.items()))
+    return None if spec is None else str(spec)

@@ -45,26 +45,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_eff import export as ex
+from lightning_eff.batch import batch_len, batch_rows, cpu_copy, model_inputs, to_cpu
 from lightning_eff.callbacks.base import EffCallback
-from lightning_eff.callbacks.common import (
-    check_submodule,
-    cpu_copy,
-    example_inputs,
-    get_submodule,
-    model_inputs,
-    submodule_inputs,
-    to_cpu,
-)
-from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8, model_engine
-from lightning_eff.compression.quantization.preflight import int8_kernels_allowed
+from lightning_eff.callbacks.common import example_inputs
+from lightning_eff.compression.quantization.engines import int8_kernels_allowed
+from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra import export as ex
-from lightning_eff.infra.footprint import batch_len, batch_rows, cpu_capability, file_bytes, gzip_size, measure_latency
-from lightning_eff.validation import as_list, check_bool, check_choice, check_int, check_number
+from lightning_eff.measure import cpu_capability, file_bytes, gzip_size, measure_latency
+from lightning_eff.protocols import offered_models
+from lightning_eff.surgery import check_submodule, get_submodule, submodule_inputs
+from lightning_eff.validation import as_list, check_bool, check_int, check_number
 
 __all__ = ["Export", "FORMATS", "float_from_fx_qat", "fake_quant_clamp"]
 
-FORMATS = ["pt", "ptl", "pte", "onnx"]
+FORMATS = ex.formats()  # the registered back ends (lightning_eff.export.registry)
 _QAT_PTE = "qat_weights_ptq_int8_xnnpack"  # FX QAT-trained weights, pt2e PTQ-calibrated, XNNPACK int8
 log = logging.getLogger(__name__)
 
@@ -214,8 +209,8 @@ class Export(EffCallback):
         super().__init__(module_attr)
         formats = ["pt", "ptl", "pte"] if formats is None else as_list("formats", formats, item=str)
         if not formats:
-            raise ConfigError(f"formats=[] exports nothing; choose from {FORMATS}.")
-        self.formats = [check_choice("formats[]", f, FORMATS) for f in formats]
+            raise ConfigError(f"formats=[] exports nothing; choose from {ex.formats()}.")
+        self.formats = [ex.get_exporter(f).format for f in formats]
         self.variants = as_list("variants", variants, item=str, allow_none=True)
         self.include_float = check_bool("include_float", include_float)
         self.int8_pte = check_bool("int8_pte", int8_pte)
@@ -229,6 +224,12 @@ class Export(EffCallback):
         self.min_sqnr_db = float(check_number("min_sqnr_db", min_sqnr_db))
         self.min_sqnr_db_float = float(check_number("min_sqnr_db_float", min_sqnr_db_float))
         self._artifacts: list[dict[str, Any]] = []
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        variants = None if self.variants is None else tuple(self.variants)
+        return self.state_key_of(formats=tuple(self.formats), variants=variants, output_dir=self.output_dir,
+                                 module_attr=self.module_attr, submodule=self.submodule)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -245,12 +246,9 @@ class Export(EffCallback):
         net = self.network(pl_module)
         if self.include_float and not is_fake_quant(net):
             models["fp32"] = cpu_copy(net)
-        for cb in trainer.callbacks:
-            fn = getattr(cb, "deployable_models", None)
-            # exportable=False: the callback's own files are the artifact (weight-only packed codes);
-            # a TorchScript/.pte of its dequantized float model would only be fp32 bytes again.
-            if cb is not self and callable(fn) and getattr(cb, "exportable", True):
-                models.update(fn())
+        # exportable=False: the callback's own files are the artifact (weight-only packed codes);
+        # a TorchScript/.pte of its dequantized float model would only be fp32 bytes again.
+        models.update(offered_models(trainer.callbacks, skip=self, exportable_only=True))
         if self.variants is not None:
             unknown = sorted(set(self.variants) - set(models))
             if unknown:
@@ -306,12 +304,9 @@ class Export(EffCallback):
             int8 = _is_int8(model)
             pt2e_q = is_pt2e_int8(model)
             for fmt in self.formats:
-                if fmt == "pte" and int8 and not pt2e_q:
-                    log.info("Export: %s is a torch.ao int8 model; torch.export cannot capture it, no .pte", variant)
-                    continue
-                if fmt in ("pt", "ptl", "onnx") and pt2e_q:
-                    continue  # pt2e graphs are for ExecuTorch
-                if fmt == "onnx" and int8:
+                reason = ex.get_exporter(fmt).skip_reason(model, int8, pt2e_q)
+                if reason:
+                    log.info("Export: no .%s of %s: %s", fmt, variant, reason)
                     continue
                 self._export_one(variant, model, fmt, out_dir, example, verify_batch if fmt in ("pt", "ptl") else verify_single)
         if "pte" in self.formats and self.int8_pte and not self.submodule and not any(is_pt2e_int8(m) for m in models.values()):
@@ -327,8 +322,9 @@ class Export(EffCallback):
 
     def _export_one(self, variant: str, model: nn.Module, fmt: str, out_dir: Path, example: Any,
                     verify_inputs: list, int8: bool = False, calibration: list | None = None) -> None:
-        engine = model_engine(model) if fmt in ("pt", "ptl") else ("xnnpack" if fmt == "pte" else None)
-        path = out_dir / f"{variant}.{fmt}"
+        exporter = ex.get_exporter(fmt)
+        engine = exporter.engine(model)
+        path = out_dir / f"{variant}{exporter.suffix}"
         entry: dict[str, Any] = {"variant": variant, "format": fmt, "engine": engine}
         try:
             # FX int8 graphs are scripted: tracing them turns the (constant) input scale into a
@@ -336,14 +332,7 @@ class Export(EffCallback):
             # A submodule gets captured argument tuples and is scripted (its loops must not unroll).
             method = "script" if _is_int8(model) or self.submodule else "trace"
             args = example if isinstance(example, tuple) else (example,)
-            if fmt == "pt":
-                ex.export_torchscript(model, args, path, method=method)
-            elif fmt == "ptl":
-                ex.export_lite(model, args, path, method=method)
-            elif fmt == "pte":
-                ex.export_executorch(model, args, path, int8=int8, calibration=calibration)
-            else:
-                ex.export_onnx(model, args, path)
+            exporter.write(model, args, path, method=method, int8=int8, calibration=calibration)
             entry.update(path=str(path), bytes=file_bytes(path), gzip_bytes=gzip_size(path))
             artifact = ex.load_artifact(path)
             if self.verify:

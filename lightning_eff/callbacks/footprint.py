@@ -6,7 +6,7 @@ callback logs the cheap figures at every validation (so ``ModelCheckpoint(monito
 "footprint/nonzero_params")`` and sweeps can use them) and measures the full footprint at the end
 of ``fit`` and ``test``, writing ``{"footprint": {...}, "metrics": {...}}`` to ``results.json``.
 
-The measuring itself lives in :mod:`lightning_eff.infra.footprint`; this class only decides when
+The measuring itself lives in :mod:`lightning_eff.measure`; this class only decides when
 and on what (a CPU copy of ``pl_module.model``, or of the LightningModule when it has none).
 
 Example:
@@ -30,19 +30,22 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_eff.atomic import write_results
 from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import example_inputs
+from lightning_eff.compression.quantization.engines import (
+    model_engine,
+    quantized_engine,
+)
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import (
+from lightning_eff.measure import (
     count_nonzero_parameters,
     count_parameters,
     measure_footprint,
     serialize_state_dict,
-    write_results,
 )
-from lightning_eff.compression.quantization.fx import model_engine
-from lightning_eff.compression.quantization.preflight import quantized_engine
-from lightning_eff.infra.report import describe_model
+from lightning_eff.protocols import deployables
+from lightning_eff.report import describe_model
 from lightning_eff.validation import as_list, check_bool, check_int
 
 __all__ = ["FootprintMonitor", "FootprintConfig"]
@@ -150,6 +153,7 @@ class FootprintMonitor(EffCallback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         # trainer.log_dir broadcasts from rank 0, so every rank must ask for it: here, not in a
         # rank-zero-only hook where the other ranks would never join the collective.
         if self.config.output_dir is not None:
@@ -233,11 +237,8 @@ class FootprintMonitor(EffCallback):
         """One row per deployable model of the other callbacks (int8 under its own engine)."""
         rows: dict[str, dict[str, Any]] = {}
         cfg = self.config
-        for cb in trainer.callbacks:
-            fn = getattr(cb, "deployable_models", None)
-            if cb is self or not callable(fn) or not getattr(cb, "exportable", True):
-                continue
-            for name, variant in fn().items():
+        for cb in deployables(trainer.callbacks, skip=self, exportable_only=True):
+            for name, variant in cb.deployable_models().items():
                 try:
                     with quantized_engine(model_engine(variant)):
                         row = measure_footprint(variant, inputs, batch_sizes=cfg.batch_sizes, latency=cfg.latency,

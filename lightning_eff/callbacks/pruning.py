@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import io
-import re
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -41,12 +39,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_eff.callbacks.base import EffCallback
-from lightning_eff.callbacks.common import cpu_copy, example_inputs
+from lightning_eff.batch import cpu_copy
+from lightning_eff.callbacks.base import EffCallback, output_dir_option
+from lightning_eff.callbacks.common import example_inputs
 from lightning_eff.compression.pruning.config import PruningConfig
 from lightning_eff.compression.pruning.pruner import Pruner
-from lightning_eff.compression.pruning.speed import sparsity_latency
 from lightning_eff.compression.pruning.sparse_format import VALUE_DTYPES, save_sparse
+from lightning_eff.compression.pruning.speed import sparsity_latency
 from lightning_eff.compression.pruning.structured import (
     channel_keep,
     compact,
@@ -54,9 +53,9 @@ from lightning_eff.compression.pruning.structured import (
     find_channel_groups,
     slice_like,
 )
-from lightning_eff.naming import float_state_dict
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import count_parameters, gzip_size, interleaved_min_ms
+from lightning_eff.measure import count_parameters, gzip_size, interleaved_min_ms
+from lightning_eff.naming import float_state_dict
 from lightning_eff.validation import as_list, check_bool, check_choice
 
 __all__ = ["Pruning"]
@@ -110,7 +109,7 @@ class Pruning(EffCallback):
         log_sparsity: log ``pruning/sparsity`` every step and per-layer values at each mask update.
         export_sparse: values dtype of the compressed artifact (``"fp32"``, ``"fp16"``, ``"int8"``) or
             ``None`` for no artifact.
-        artifact_dir: where to write it (default ``<trainer.default_root_dir>/pruning``).
+        output_dir: where to write it (default ``<trainer.default_root_dir>/pruning``; ``artifact_dir`` is its old name).
         compact_during_fit: channel granularity only: physically remove the pruned channels from
             the live model (and its optimizers' state) as soon as the schedule reaches ``amount``,
             so fine-tuning after that runs on the smaller network. Single process only (DDP's
@@ -158,6 +157,7 @@ class Pruning(EffCallback):
         module_attr: str = "model",
         log_sparsity: bool = True,
         export_sparse: str | None = "fp32",
+        output_dir: str | None = None,
         artifact_dir: str | None = None,
         compact_during_fit: bool = False,
     ) -> None:
@@ -176,7 +176,7 @@ class Pruning(EffCallback):
         if export_sparse is not None:
             check_choice("export_sparse", export_sparse, VALUE_DTYPES)
         self.export_sparse = export_sparse
-        self.artifact_dir = artifact_dir
+        self.output_dir = output_dir_option(output_dir, "Pruning", artifact_dir=artifact_dir)
         self.compact_during_fit = check_bool("compact_during_fit", compact_during_fit)
         if compact_during_fit and granularity != "channel":
             raise ConfigError(f"compact_during_fit=True needs granularity='channel' (got {granularity!r}): only whole "
@@ -206,6 +206,7 @@ class Pruning(EffCallback):
 
     # ---------------------------------------------------------------- binding
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
         self._trainer = trainer
         if stage == "fit":
             # Validate selectors now (before training); binding happens again in on_fit_start,
@@ -388,7 +389,7 @@ class Pruning(EffCallback):
 
     def _write_artifact(self, trainer: L.Trainer, pl_module: L.LightningModule, final: nn.Module) -> list[dict[str, Any]]:
         model = cpu_copy(self.network(pl_module))
-        folder = Path(self.artifact_dir) if self.artifact_dir else Path(trainer.default_root_dir) / "pruning"
+        folder = self.output_folder(trainer, self.output_dir, "pruning")
         # Weights only: a QAT-prepared model also carries observer / fake-quant state (scales, ranges),
         # which belongs to the int8 export, not to the weight artifact (it would dominate small models).
         # Under the float network's names (a QAT graph renames fused BN to conv.bn.*), so the file loads

@@ -30,16 +30,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_eff.batch import cpu_copy, model_inputs
 from lightning_eff.callbacks.base import EffCallback
-from lightning_eff.callbacks.common import (
-    check_submodule,
-    cpu_copy,
-    example_inputs,
-    get_submodule,
-    model_inputs,
-    set_submodule,
-    set_target_module,
-    submodule_inputs,
+from lightning_eff.callbacks.common import example_inputs, set_target_module
+from lightning_eff.compression.quantization.engines import (
+    check_engine,
+    quantized_engine,
 )
 from lightning_eff.compression.quantization.fx import (
     OBSERVERS,
@@ -48,14 +44,21 @@ from lightning_eff.compression.quantization.fx import (
     convert_fx_model,
     dynamic_quantize,
     freeze_bn_stats,
+    is_fake_quant,
     prepare_ptq_fx_model,
     prepare_qat_fx_model,
     set_fake_quant,
     set_observers,
 )
-from lightning_eff.compression.quantization.preflight import check_engine, quantized_engine
 from lightning_eff.errors import ConfigError
+from lightning_eff.naming import unwrap_model
 from lightning_eff.schedules import check_step_or_fraction, resolve_step
+from lightning_eff.surgery import (
+    check_submodule,
+    get_submodule,
+    set_submodule,
+    submodule_inputs,
+)
 from lightning_eff.validation import as_list, check_bool, check_choice, check_int
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "FLOWS"]
@@ -201,12 +204,24 @@ class QuantizationAwareTraining(EffCallback):
 
     # ---------------------------------------------------------------- surgery
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
         _check_precision(trainer, "QuantizationAwareTraining")
         self._trainer = trainer
         net = self.network(pl_module)
         current = get_submodule(net, self.submodule) if self.submodule else net
         if self._prepared is not None and current is self._prepared:
             return  # setup runs again for validate/test: keep the prepared model
+        wrapped, current = current, unwrap_model(current)
+        if current is not self._prepared and is_fake_quant(current):
+            raise ConfigError(
+                f"QuantizationAwareTraining: the network (module_attr={self.module_attr!r}"
+                f"{f', submodule={self.submodule!r}' if self.submodule else ''}) is already prepared for quantization-aware "
+                "training (it has fake-quant modules), e.g. by another QuantizationAwareTraining callback: preparing it again "
+                "would stack fake quantization. Use one QuantizationAwareTraining per network (to train it further, reuse "
+                "the callback that prepared it).")
+        if current is not wrapped:  # torch.compile / checkpoint wrapper / DDP: quantize the network inside
+            rank_zero_info(f"QuantizationAwareTraining: preparing the {type(current).__name__} inside its "
+                           f"{type(wrapped).__name__} wrapper; the prepared graph replaces the wrapper.")
         inputs = self._example(trainer, 2 if self.flow == "pt2e" else 1)
         if self.submodule:
             inputs = submodule_inputs(net, self.submodule, inputs)
@@ -417,7 +432,13 @@ class PostTrainingQuantization(EffCallback):
         self._trainer: L.Trainer | None = None
         self._pl_module: L.LightningModule | None = None
 
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        return self.state_key_of(mode=self.mode, flow=self.flow, engines=tuple(self.engines), module_attr=self.module_attr,
+                                 submodule=self.submodule)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        super().setup(trainer, pl_module, stage)
         self._trainer, self._pl_module = trainer, pl_module
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -434,7 +455,7 @@ class PostTrainingQuantization(EffCallback):
     def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
         """Quantize a CPU copy of the trained network; returns ``{"ptq_int8_<engine>": model}``."""
         net = cpu_copy(self.network(pl_module))
-        float_model = get_submodule(net, self.submodule) if self.submodule else net
+        float_model = unwrap_model(get_submodule(net, self.submodule) if self.submodule else net)
         self._models = {}
         if self.mode == "dynamic":
             for engine in self.engines:
@@ -457,7 +478,10 @@ class PostTrainingQuantization(EffCallback):
                 int8 = convert_fx_model(prepared, engine=engine, inplace=True)
                 self._models[f"ptq_int8_{engine}"] = _hosted(net, self.submodule, int8)
         else:
-            from lightning_eff.compression.quantization.pt2e import convert_pt2e_model, prepare_pt2e_model
+            from lightning_eff.compression.quantization.pt2e import (
+                convert_pt2e_model,
+                prepare_pt2e_model,
+            )
 
             batch = torch.export.Dim("batch", min=1, max=4096)
             prepared = prepare_pt2e_model(float_model, example, qat=False, per_channel=self.per_channel, dynamic_shapes=({0: batch},))

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -36,8 +35,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_eff.callbacks.base import EffCallback
-from lightning_eff.callbacks.common import cpu_copy, example_inputs
+from lightning_eff.batch import cpu_copy
+from lightning_eff.callbacks.base import EffCallback, output_dir_option
+from lightning_eff.callbacks.common import example_inputs
 from lightning_eff.compression.quantization.weight_only import (
     load_quantized,
     quantize_weights,
@@ -45,7 +45,7 @@ from lightning_eff.compression.quantization.weight_only import (
     weight_quantization_error,
 )
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import gzip_size, serialize_state_dict
+from lightning_eff.measure import gzip_size, serialize_state_dict
 from lightning_eff.validation import as_list, check_bool, check_choice, check_int
 
 __all__ = ["WeightOnlyQuantization", "BITS", "WEIGHT_ONLY_SCHEMES"]
@@ -64,7 +64,7 @@ class WeightOnlyQuantization(EffCallback):
         scheme: ``"affine"`` (unsigned codes with zero point, survey Algorithm 2) or ``"symmetric"``.
         per_channel: one scale (and zero point) per output channel instead of one per tensor.
         min_numel: weights with fewer elements stay float (a thin stem conv gains little, loses accuracy).
-        dirpath: folder of the files; default ``<trainer.default_root_dir>/weight_only``.
+        output_dir: folder of the files; default ``<trainer.default_root_dir>/weight_only`` (``dirpath`` is its old name).
         verify_examples: real examples the restored model is compared on (top-1 agreement, max error).
         module_attr: attribute of the LightningModule holding the network.
 
@@ -81,6 +81,7 @@ class WeightOnlyQuantization(EffCallback):
         scheme: str = "affine",
         per_channel: bool = True,
         min_numel: int = 0,
+        output_dir: str | None = None,
         dirpath: str | None = None,
         verify_examples: int = 16,
         module_attr: str = "model",
@@ -95,10 +96,15 @@ class WeightOnlyQuantization(EffCallback):
         self.scheme = check_choice("scheme", scheme, WEIGHT_ONLY_SCHEMES)
         self.per_channel = check_bool("per_channel", per_channel)
         self.min_numel = check_int("min_numel", min_numel, low=0)
-        self.dirpath = dirpath
+        self.output_dir = output_dir_option(output_dir, "WeightOnlyQuantization", dirpath=dirpath)
         self.verify_examples = check_int("verify_examples", verify_examples, low=1)
         self._models: dict[str, nn.Module] = {}
         self._artifacts: list[dict[str, Any]] = []
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        return self.state_key_of(bits=tuple(self.bits), scheme=self.scheme, per_channel=self.per_channel,
+                                 output_dir=self.output_dir, module_attr=self.module_attr)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -116,7 +122,7 @@ class WeightOnlyQuantization(EffCallback):
     def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Quantize, save atomically, reload and verify one copy per bit-width; returns the artifact entries."""
         net = cpu_copy(self.network(pl_module))
-        folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "weight_only"
+        folder = self.output_folder(trainer, self.output_dir, "weight_only")
         folder.mkdir(parents=True, exist_ok=True)
         float_bytes = len(serialize_state_dict(net))
         inputs = example_inputs(trainer, self.verify_examples)
@@ -152,7 +158,7 @@ class WeightOnlyQuantization(EffCallback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Test accuracy of the float model and of every restored variant on the trainer's test loader
         (``limit_test_batches`` respected); recorded in the artifact entries as ``test_acc`` / ``acc_drop``."""
-        from lightning_eff.infra.report import evaluate_accuracy
+        from lightning_eff.report import evaluate_accuracy
 
         loaders = trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders

@@ -5,9 +5,9 @@ with ``"labels"`` plus ``"text"`` (``tokenizer="raw"``) or ``"input_ids"``/``"at
 All expose ``num_classes``, ``class_names`` and ``sample_inputs(n)`` after ``setup()``.
 """
 from .fashion_mnist import FashionMNISTDataModule
+from .generic import CIFAR10DataModule, ImageFolderDataModule, TextFileDataModule
 from .indexed import IndexedBatch, IndexedCollate, IndexedDataset
 from .sampling import LengthBucketSampler
-from .generic import CIFAR10DataModule, ImageFolderDataModule, TextFileDataModule
 from .tokenizers import train_wordpiece_vocab, wordpiece_tokenizer
 from .wordnet import LEXNAMES, WordNetSupersenseDataModule
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_eff.errors import ConfigError, DataNotFoundError
 from lightning_eff.data.indexed import IndexCollate
+from lightning_eff.errors import ConfigError, DataNotFoundError
 from lightning_eff.validation import check_bool, check_choice, check_int, check_number
 
 __all__ = [

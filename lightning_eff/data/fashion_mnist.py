@@ -17,7 +17,14 @@ import torch
 from lightning_eff.errors import ConfigError, DataNotFoundError
 from lightning_eff.validation import check_bool, check_choice, check_int
 
-from .common import ImageTensorDataModule, check_path, resolve_root, resize_uint8, split_three, take_limit
+from .common import (
+    ImageTensorDataModule,
+    check_path,
+    resize_uint8,
+    resolve_root,
+    split_three,
+    take_limit,
+)
 
 __all__ = ["FashionMNISTDataModule", "read_idx", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_ROOT"]
 

@@ -21,20 +21,15 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset, default_collate
+
+from lightning_eff.batch import IndexedBatch
 
 __all__ = ["IndexedBatch", "IndexedDataset", "IndexedCollate", "IndexCollate"]
 
-
-class IndexedBatch(NamedTuple):
-    """A batch plus the dataset index (``int64 [B]``) of each of its examples."""
-
-    index: Tensor
-    batch: Any
 
 
 class IndexedDataset(Dataset):

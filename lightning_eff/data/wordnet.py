@@ -15,7 +15,13 @@ from pathlib import Path
 from lightning_eff.errors import ConfigError, DataNotFoundError, did_you_mean
 from lightning_eff.validation import check_bool
 
-from .common import TextClassificationDataModule, check_fractions, check_path, fraction_split, resolve_root
+from .common import (
+    TextClassificationDataModule,
+    check_fractions,
+    check_path,
+    fraction_split,
+    resolve_root,
+)
 
 __all__ = ["WordNetSupersenseDataModule", "LEXNAMES", "parse_wordnet_data", "DEFAULT_WORDNET_ROOT"]
 

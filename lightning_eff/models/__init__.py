@@ -5,6 +5,11 @@ with standard convolutions, for the depthwise-separable comparison), PQRNN / PRA
 models, an LSTM baseline and BERT teachers.
 """
 from lightning_eff.models import _register_text, mobilenet  # noqa: F401  (registration side effects)
-from lightning_eff.models.registry import create_model, list_models, model_signature, register_model
+from lightning_eff.models.registry import (
+    create_model,
+    list_models,
+    model_signature,
+    register_model,
+)
 
 __all__ = ["create_model", "list_models", "model_signature", "register_model"]

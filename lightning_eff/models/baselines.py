@@ -41,9 +41,9 @@ from lightning_eff.errors import ConfigError
 from lightning_eff.models.pqrnn import POOLINGS, masked_pool
 from lightning_eff.models.projection import tokenize
 from lightning_eff.models.registry import register_model
-from lightning_eff.validation import check_bool, check_choice, check_int, check_number
+from lightning_eff.validation import check_choice, check_int, check_number
 
-__all__ = ["LSTMClassifier", "lstm", "BertClassifier", "bert_teacher", "bert_tiny", "BERT_SIZES", "plain_cnn"]
+__all__ = ["LSTMClassifier", "lstm", "BertClassifier", "bert_teacher", "bert_tiny", "BERT_SIZES"]
 
 PAD, UNK = 0, 1  # reserved rows of the embedding table
 
@@ -253,19 +253,3 @@ def bert_tiny(num_classes: int = 26, vocab_size: int = 8000, max_length: int = 1
 
 
 # ------------------------------------------------------------------------------- plain CNN
-@register_model("plain_cnn")
-def plain_cnn(width: float = 0.5, num_classes: int = 10, in_chans: int = 1, small_input_stages: int = 1,
-              drop_rate: float = 0.0, standard_convs: bool = True) -> nn.Module:
-    """MobileNetV2 (same stages, widths, strides, depth) with standard instead of depthwise 3x3 convs.
-
-    Args:
-        width, num_classes, in_chans, small_input_stages, drop_rate: as for ``"mobilenetv2"``.
-        standard_convs: replace the depthwise convolutions (False gives MobileNetV2 itself).
-    """
-    from lightning_eff.models.conv_cost import replace_depthwise_with_standard
-    from lightning_eff.models.mobilenet import mobilenetv2
-
-    check_bool("model.standard_convs", standard_convs)
-    model = mobilenetv2(width=width, num_classes=num_classes, in_chans=in_chans,
-                        small_input_stages=small_input_stages, drop_rate=drop_rate)
-    return replace_depthwise_with_standard(model) if standard_convs else model

@@ -106,11 +106,11 @@ def bert_student(num_classes: int = 26, vocab_size: int = 8000, num_layers: int 
     if init_from is None:
         return BertClassifier(num_classes, vocab_size, "tiny", max_length, dropout, num_layers, hidden, heads,
                               attn_implementation)
-    from lightning_eff.learning.distillation.teacher import load_teacher
+    from lightning_eff.models.loading import load_model
 
     if not os.path.exists(os.path.expanduser(str(init_from))):
         raise ConfigError(f"model.init_from={init_from!r} does not exist; give a trained bert_teacher .ckpt or HF folder.")
-    teacher = load_teacher(os.path.expanduser(str(init_from)))
+    teacher = load_model(os.path.expanduser(str(init_from)), option="init_from")
     student = student_from_teacher(copy.deepcopy(teacher), num_layers, dropout=dropout)
     if student.config.num_labels != num_classes:
         raise ConfigError(f"model.init_from teacher has {student.config.num_labels} classes, the data has {num_classes}.")

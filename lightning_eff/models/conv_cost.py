@@ -10,7 +10,7 @@ channel) and a pointwise ``1 x 1`` convolution. With output size ``H x W``:
 
 (bias-free convolutions, as in MobileNets where BatchNorm follows every conv). The functions
 below give both the formula and the figures measured on real ``nn.Conv2d`` modules with
-:func:`~lightning_eff.infra.footprint.count_parameters` / ``count_macs``, for one layer and for
+:func:`~lightning_eff.measure.counts.count_parameters` / ``count_macs``, for one layer and for
 whole models (MobileNetV2 vs the same network with standard convolutions, ``"plain_cnn"``).
 
 Example:
@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.validation import check_int, check_number
+from lightning_eff.models.registry import register_model
+from lightning_eff.validation import check_bool, check_int, check_number
 
-__all__ = ["standard_conv_cost", "separable_conv_cost", "layer_ratios", "replace_depthwise_with_standard", "model_ratios"]
+__all__ = ["standard_conv_cost", "separable_conv_cost", "layer_ratios", "replace_depthwise_with_standard", "model_ratios", "plain_cnn"]
 
 
 def _out_size(size: int, kernel: int, stride: int) -> int:
@@ -55,7 +56,7 @@ def layer_ratios(c_in: int, c_out: int, kernel: int = 3, size: int = 16, stride:
     Raises:
         ConfigError: a non-positive channel count, kernel, size or stride.
     """
-    from lightning_eff.infra.footprint import count_macs, count_parameters
+    from lightning_eff.measure import count_macs, count_parameters
 
     for name, value in (("c_in", c_in), ("c_out", c_out), ("kernel", kernel), ("size", size), ("stride", stride)):
         check_int(name, value, low=1)
@@ -105,8 +106,7 @@ def model_ratios(width: float = 0.5, input_size: int = 32, num_classes: int = 10
     Raises:
         ConfigError: an option out of range.
     """
-    from lightning_eff.infra.footprint import count_macs, count_parameters
-    from lightning_eff.models.baselines import plain_cnn
+    from lightning_eff.measure import count_macs, count_parameters
 
     check_number("width", width, low=0.0, low_inclusive=False, high=4.0)
     check_int("input_size", input_size, low=8)
@@ -121,3 +121,21 @@ def model_ratios(width: float = 0.5, input_size: int = 32, num_classes: int = 10
         "param_ratio": rows["mobilenetv2"]["params"] / rows["plain_cnn"]["params"],
         "mac_ratio": rows["mobilenetv2"]["macs"] / rows["plain_cnn"]["macs"],
     }
+
+
+@register_model("plain_cnn")
+def plain_cnn(width: float = 0.5, num_classes: int = 10, in_chans: int = 1, small_input_stages: int = 1,
+              drop_rate: float = 0.0, standard_convs: bool = True) -> nn.Module:
+    """MobileNetV2 (same stages, widths, strides, depth) with standard instead of depthwise 3x3 convs.
+
+    Args:
+        width, num_classes, in_chans, small_input_stages, drop_rate: as for ``"mobilenetv2"``.
+        standard_convs: replace the depthwise convolutions (False gives MobileNetV2 itself).
+    """
+    from lightning_eff.models.mobilenet import mobilenetv2
+
+    check_bool("model.standard_convs", standard_convs)
+    model = mobilenetv2(width=width, num_classes=num_classes, in_chans=in_chans,
+                        small_input_stages=small_input_stages, drop_rate=drop_rate)
+    return replace_depthwise_with_standard(model) if standard_convs else model
+

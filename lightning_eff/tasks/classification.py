@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from lightning_eff.batch import call_model, split_batch
 from lightning_eff.models import create_model
 from lightning_eff.validation import check_choice, check_int, check_number
 
@@ -28,20 +29,6 @@ __all__ = ["ClassificationTask", "split_batch"]
 OPTIMIZERS = ["sgd", "adamw"]
 SCHEDULERS = ["onecycle", "cosine", "constant"]
 
-
-def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    """Return ``(model_inputs, labels)`` for a tuple batch or a dict batch with a ``labels`` key."""
-    if isinstance(batch, dict):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return inputs, batch["labels"]
-    inputs, labels = batch[0], batch[1]
-    return inputs, labels
-
-
-def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Call ``model`` with a tensor, or with a dict of keyword inputs; unwrap HF-style outputs to logits."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return getattr(out, "logits", out)
 
 
 class ClassificationTask(L.LightningModule):
@@ -62,6 +49,9 @@ class ClassificationTask(L.LightningModule):
     Raises:
         ConfigError: an option outside its valid range or choices.
     """
+
+    #: What this task logs (``optimized_metric`` is checked against it before training).
+    LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
 
     def __init__(
         self,

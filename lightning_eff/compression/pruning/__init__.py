@@ -22,7 +22,11 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightning_eff.compression.pruning.config import SCHEDULES, PruningConfig
-from lightning_eff.compression.pruning.distribution import DISTRIBUTIONS, erk_densities, layer_sparsities
+from lightning_eff.compression.pruning.distribution import (
+    DISTRIBUTIONS,
+    erk_densities,
+    layer_sparsities,
+)
 from lightning_eff.compression.pruning.masks import (
     GRANULARITIES,
     apply_masks,
@@ -32,11 +36,30 @@ from lightning_eff.compression.pruning.masks import (
     nm_mask,
 )
 from lightning_eff.compression.pruning.pruner import Pruner, zero_optimizer_state
-from lightning_eff.compression.pruning.regrowth import REGROWTH, drop_fraction, regrow, rigl_update, set_update
-from lightning_eff.compression.pruning.saliency import SALIENCIES, GradientStats, saliency_scores
+from lightning_eff.compression.pruning.regrowth import (
+    REGROWTH,
+    drop_fraction,
+    regrow,
+    rigl_update,
+    set_update,
+)
+from lightning_eff.compression.pruning.saliency import (
+    SALIENCIES,
+    GradientStats,
+    saliency_scores,
+)
 from lightning_eff.compression.pruning.selection import get_parameter, select_parameters
-from lightning_eff.compression.pruning.speed import densify, sparsity_latency, weight_zero_fraction
-from lightning_eff.compression.pruning.sparse_format import load_sparse, load_sparse_state_dict, save_sparse, sparse_state_dict
+from lightning_eff.compression.pruning.sparse_format import (
+    load_sparse,
+    load_sparse_state_dict,
+    save_sparse,
+    sparse_state_dict,
+)
+from lightning_eff.compression.pruning.speed import (
+    densify,
+    sparsity_latency,
+    weight_zero_fraction,
+)
 from lightning_eff.compression.pruning.structured import (
     ChannelGroup,
     compact,

@@ -20,7 +20,10 @@ from lightning_eff.compression.pruning.distribution import DISTRIBUTIONS
 from lightning_eff.compression.pruning.masks import GRANULARITIES, check_block, check_nm
 from lightning_eff.compression.pruning.regrowth import REGROWTH
 from lightning_eff.compression.pruning.saliency import SALIENCIES
-from lightning_eff.compression.pruning.selection import DEFAULT_MODULE_TYPES, check_patterns
+from lightning_eff.compression.pruning.selection import (
+    DEFAULT_MODULE_TYPES,
+    check_patterns,
+)
 from lightning_eff.errors import ConfigError
 from lightning_eff.schedules import (
     check_sparsity,

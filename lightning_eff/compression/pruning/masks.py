@@ -38,7 +38,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_eff.compression.pruning.distribution import DISTRIBUTIONS, layer_sparsities
+from lightning_eff.compression.pruning.distribution import (
+    DISTRIBUTIONS,
+    layer_sparsities,
+)
 from lightning_eff.errors import ConfigError, NoEffectWarning
 from lightning_eff.schedules import check_sparsity
 from lightning_eff.validation import check_choice, check_int

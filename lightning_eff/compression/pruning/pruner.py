@@ -31,10 +31,19 @@ from torch import Tensor, nn
 from lightning_eff.compression.pruning.config import PruningConfig
 from lightning_eff.compression.pruning.masks import compute_masks, mask_sparsity
 from lightning_eff.compression.pruning.regrowth import drop_fraction, regrow
-from lightning_eff.compression.pruning.saliency import GRADIENT_SALIENCIES, GradientStats, saliency_scores
+from lightning_eff.compression.pruning.saliency import (
+    GRADIENT_SALIENCIES,
+    GradientStats,
+    saliency_scores,
+)
 from lightning_eff.compression.pruning.selection import select_parameters
-from lightning_eff.compression.pruning.structured import ChannelGroup, find_channel_groups, group_masks
+from lightning_eff.compression.pruning.structured import (
+    ChannelGroup,
+    find_channel_groups,
+    group_masks,
+)
 from lightning_eff.errors import ConfigError
+from lightning_eff.naming import canonical_name, remap_keys
 
 __all__ = ["Pruner"]
 
@@ -90,6 +99,11 @@ class Pruner:
                 if group is not None:
                     for member, _ in group.members:
                         params[member] = named[member]
+        # masks / rewind weights saved from the same network under a wrapper (torch.compile, checkpoint
+        # wrappers, DDP) or without one bind by canonical name
+        self.masks = remap_keys(self.masks, named)
+        if self.rewind_state is not None:
+            self.rewind_state = remap_keys(self.rewind_state, named)
         missing = [k for k in self.masks if k not in named]
         if missing:
             raise ConfigError(
@@ -247,13 +261,17 @@ class Pruner:
         return mask_sparsity(self.masks)
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks, target, statistics and rewind weights as plain CPU tensors (``weights_only``-loadable)."""
+        """Masks, target, statistics and rewind weights as plain CPU tensors (``weights_only``-loadable).
+
+        Keys are canonical parameter names (no ``_orig_mod.`` / ``_checkpoint_wrapped_module.`` / ``module.``),
+        so the state binds to the same network with or without those wrappers.
+        """
         return {
             "version": _STATE_VERSION,
             "sparsity": float(self.sparsity),
-            "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
+            "masks": {canonical_name(k): v.detach().cpu().clone() for k, v in self.masks.items()},
             "stats": None if self.stats is None else self.stats.state_dict(),
-            "rewind": None if self.rewind_state is None else {k: v.detach().cpu().clone() for k, v in self.rewind_state.items()},
+            "rewind": None if self.rewind_state is None else {canonical_name(k): v.detach().cpu().clone() for k, v in self.rewind_state.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -264,6 +282,7 @@ class Pruner:
             self.stats.load_state_dict(state["stats"])
         self.rewind_state = None if state.get("rewind") is None else dict(state["rewind"])
         if self.params:
+            self.masks = remap_keys(self.masks, self.params)
             missing = [k for k in self.masks if k not in self.params]
             if not missing:
                 self.masks = {k: v.to(self.params[k].device) for k, v in self.masks.items()}

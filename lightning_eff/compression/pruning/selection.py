@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_eff.errors import ConfigError, NoEffectWarning, did_you_mean
+from lightning_eff.naming import canonical_name
+from lightning_eff.surgery import check_patterns, type_matches
 from lightning_eff.validation import check_bool, check_int
 
 __all__ = ["DEFAULT_MODULE_TYPES", "select_parameters", "prunable_parameters", "type_matches", "get_parameter", "check_patterns"]
@@ -32,34 +34,11 @@ __all__ = ["DEFAULT_MODULE_TYPES", "select_parameters", "prunable_parameters", "
 DEFAULT_MODULE_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 
 
-def type_matches(module: nn.Module, types: Sequence[str] | None) -> bool:
-    """True when any class in ``type(module).__mro__`` is named in ``types`` (``None`` = any type)."""
-    if types is None:
-        return True
-    return any(cls.__name__ in types for cls in type(module).__mro__)
-
 
 def prunable_parameters(module: nn.Module) -> list[str]:
     """The module's own parameters that exist (not ``None``) and have at least one element."""
     return [name for name, p in module.named_parameters(recurse=False) if p is not None and p.numel() > 0]
 
-
-def check_patterns(option: str, patterns: Sequence[str] | str | None) -> list[str] | None:
-    """Validate a list of regular expressions (a single string is accepted as a one-item list)."""
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ConfigError(f"{option} entries must be regular expressions (str); got {pattern!r}.")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ConfigError(f"{option}: {pattern!r} is not a valid regular expression ({err}).") from err
-        out.append(pattern)
-    return out
 
 
 def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -128,10 +107,11 @@ def select_parameters(
     seen: set[int] = set()
     first_done = False
     for name, module in modules.items():
-        matched = [p for p in include if re.fullmatch(p, name)] if include is not None else []
+        cname = canonical_name(name)  # patterns see the plain network's names under any wrapper
+        matched = [p for p in include if re.fullmatch(p, cname)] if include is not None else []
         if include is not None and not matched:
             continue
-        if any(re.fullmatch(p, name) for p in exclude):
+        if any(re.fullmatch(p, cname) for p in exclude):
             continue
         for pattern in matched:
             hits[pattern].append(name)
@@ -150,7 +130,7 @@ def select_parameters(
         first_done = first_done or taken
     for pattern, names in hits.items():
         if not names:
-            choices = [n for n in modules if n]
+            choices = [canonical_name(n) for n in modules if n]
             warnings.warn(
                 f"include pattern '{pattern}' matches no module; nothing is pruned for it.{did_you_mean(pattern, choices)}",
                 NoEffectWarning,

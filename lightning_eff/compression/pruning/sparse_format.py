@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_eff.atomic import atomic_write
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.checkpoint_io import atomic_write
 from lightning_eff.naming import float_keys, is_quant_state_key
 from lightning_eff.validation import check_choice, check_number
 

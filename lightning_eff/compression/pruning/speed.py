@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import _weight_tensors, interleaved_min_ms
+from lightning_eff.measure import interleaved_min_ms, weight_tensors
 from lightning_eff.validation import check_int, check_number
 
 __all__ = ["densify", "sparsity_latency", "weight_zero_fraction", "UnsupportedModelError"]
@@ -53,7 +53,7 @@ def _zeros_and_int8(model: nn.Module) -> tuple[float, bool]:
     """(zero fraction of the weight matrices, whether any weight is stored quantized) in one pass."""
     total = zeros = 0
     int8 = False
-    for stored, effective in _weight_tensors(model):
+    for stored, effective in weight_tensors(model):
         int8 = int8 or stored.is_quantized
         if effective.dim() >= 2:
             total += effective.numel()
@@ -135,7 +135,7 @@ def sparsity_latency(
 
     Args:
         model: the sparse model (float, fake-quant or converted int8).
-        inputs: one example batch (the calling convention of :func:`~lightning_eff.infra.footprint.call_with_inputs`).
+        inputs: one example batch (the calling convention of :func:`~lightning_eff.batch.call_with_inputs`).
         repeats: interleaved timed calls per model (after one warm-up call each).
         margin: the sparse model must be at least this fraction faster to count as a gain
             (timing noise on a shared CPU is a few percent).
@@ -145,8 +145,10 @@ def sparsity_latency(
         ``{"zero_fraction", "sparse_ms", "dense_ms", "speedup" (dense / sparse), "bought_latency", "engine", "backend"}``
         — ``backend`` in words: ``"int8 x86"``, ``"fp32 fake-quant (x86 QAT)"`` or ``"fp32 eager CPU"``.
     """
-    from lightning_eff.compression.quantization.fx import model_engine
-    from lightning_eff.compression.quantization.preflight import quantized_engine
+    from lightning_eff.compression.quantization.engines import (
+        model_engine,
+        quantized_engine,
+    )
 
     check_int("repeats", repeats, low=1)
     check_number("margin", margin, low=0.0, high=1.0, high_inclusive=False)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from lightning_eff.compression.pruning.masks import compute_masks
 from lightning_eff.compression.pruning.saliency import saliency_scores
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.footprint import count_parameters  # noqa: F401  (doctest)
+from lightning_eff.measure.counts import count_parameters  # noqa: F401  (doctest)
 from lightning_eff.validation import check_bool, check_choice, check_int
 
 __all__ = ["ChannelGroup", "find_channel_groups", "stream_groups", "compact_training", "parameter_slices", "slice_like", "group_masks", "channel_keep", "compact", "prune_channels", "channel_scores"]

@@ -33,6 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.compression.quantization.engines import (  # noqa: F401  (re-exported)
+    ENGINE_ATTR,
+    model_engine,
+    set_model_engine,
+)
 from lightning_eff.compression.quantization.fusion import (
     QNNPACK_CLAMP_FUNCTIONS,
     ContiguousHardtanh,
@@ -81,7 +86,6 @@ __all__ = [
 
 OBSERVERS = ("minmax", "moving_average", "histogram")
 #: Attribute stored on prepared / converted models so convert and export know the engine.
-ENGINE_ATTR = "_lightning_eff_engine"
 #: ``per_channel`` choices: every weight per output channel, none, or depthwise convolutions only
 PER_CHANNEL = (True, False, "depthwise")
 
@@ -134,7 +138,11 @@ def default_reduce_range(engine: str) -> bool:
 
 def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, reduce_range: bool | None = None):
     """One QConfig following the engine's defaults (dtype, ranges, reduce_range) with our choices."""
-    from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize, QConfig
+    from torch.ao.quantization import (
+        FakeQuantize,
+        FusedMovingAvgObsFakeQuantize,
+        QConfig,
+    )
 
     if reduce_range is None:
         reduce_range = default_reduce_range(engine)
@@ -182,8 +190,13 @@ def build_qconfig_mapping(
     Raises:
         ConfigError: unknown engine/observer.
     """
-    from torch.ao.quantization import QConfig, default_embedding_qat_qconfig, float_qparams_weight_only_qconfig
-    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+    from torch.ao.quantization import (
+        QConfig,
+        default_embedding_qat_qconfig,
+        float_qparams_weight_only_qconfig,
+        get_default_qat_qconfig_mapping,
+        get_default_qconfig_mapping,
+    )
 
     check_engine(engine)
     check_choice("observer", observer, OBSERVERS)
@@ -282,7 +295,7 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
                 stacklevel=3,
             )
     prepared.train(training if qat else False)
-    _set_engine(prepared, engine)
+    set_model_engine(prepared, engine)
     record_float_keys(prepared, names)  # fused conv.bn.* -> the float network's bn.*, for artifacts users reload
     return prepared
 
@@ -359,30 +372,6 @@ def prepare_ptq_fx_model(
                     reduce_range=reduce_range)
 
 
-def _set_engine(model: nn.Module, engine: str) -> None:
-    setattr(model, ENGINE_ATTR, engine)
-    if isinstance(model, torch.fx.GraphModule):  # GraphModule.__deepcopy__ keeps only .meta
-        model.meta[ENGINE_ATTR] = engine
-
-
-def _own_engine(model: nn.Module) -> str | None:
-    engine = getattr(model, ENGINE_ATTR, None)
-    if engine is None and isinstance(getattr(model, "meta", None), dict):
-        engine = model.meta.get(ENGINE_ATTR)
-    return engine
-
-
-def model_engine(model: nn.Module, default: str | None = None) -> str | None:
-    """The engine a model was prepared / converted for (``None`` for float models).
-
-    A float network hosting a quantized submodule (e.g. a projection model whose ``encoder`` was
-    quantized, see the callbacks' ``submodule`` option) reports its first quantized submodule's engine.
-    """
-    engine = _own_engine(model)
-    if engine is None:
-        engine = next((e for m in model.modules() if (e := _own_engine(m)) is not None), None)
-    return engine if engine is not None else default
-
 
 def _default_input_fn(batch: Any) -> tuple:
     if isinstance(batch, torch.Tensor):
@@ -454,7 +443,7 @@ def convert_fx_model(prepared: torch.fx.GraphModule, *, engine: str | None = Non
     with quantized_engine(engine):
         quantized = convert_fx(target, backend_config=backend_config_for(engine))
     remove_identities(quantized)
-    _set_engine(quantized, engine)
+    set_model_engine(quantized, engine)
     return quantized.eval()
 
 
@@ -544,5 +533,5 @@ def dynamic_quantize(
     engine = engine or torch.backends.quantized.engine
     with quantized_engine(engine):
         out = torch.ao.quantization.quantize_dynamic(model, dtypes, dtype=torch.qint8, inplace=inplace)
-    _set_engine(out, engine)
+    set_model_engine(out, engine)
     return out

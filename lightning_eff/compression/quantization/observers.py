@@ -20,7 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_eff.compression.quantization.affine import DEFAULT_EPS, _fake_quantize_unchecked, _qparams, qrange
+from lightning_eff.compression.quantization.affine import (
+    DEFAULT_EPS,
+    _fake_quantize_unchecked,
+    _qparams,
+    qrange,
+)
 from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_bool, check_int, check_number
 

@@ -14,14 +14,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_eff.errors import ConfigError, did_you_mean
+from lightning_eff.compression.quantization.engines import (  # noqa: F401  (re-exported: engines own them)
+    KNOWN_ENGINES,
+    check_engine,
+    int8_kernels_allowed,
+    quantized_engine,
+    supported_engines,
+)
+from lightning_eff.errors import ConfigError
 
 __all__ = [
     "int8_kernels_allowed",
@@ -35,77 +40,8 @@ __all__ = [
 ]
 
 #: Engines the FX flow knows qconfigs and backend configs for (torch.ao's list).
-KNOWN_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 
 
-def supported_engines() -> list[str]:
-    """The quantized engines this torch build can run, among :data:`KNOWN_ENGINES`."""
-    available = set(torch.backends.quantized.supported_engines)
-    return [e for e in KNOWN_ENGINES if e in available]
-
-
-def check_engine(engine: Any, option: str = "engine") -> str:
-    """Return ``engine`` if this build supports it, else raise ``ConfigError`` with did-you-mean.
-
-    Raises:
-        ConfigError: unknown name (``"qnnpak"``) or an engine this build was compiled without.
-    """
-    choices = supported_engines()
-    if engine not in choices:
-        why = "is not available in this torch build" if engine in KNOWN_ENGINES else "is not supported"
-        raise ConfigError(
-            f"{option}={engine!r} {why}; choose one of {choices} "
-            f"(torch.backends.quantized.supported_engines).{did_you_mean(engine, choices)}"
-        )
-    return engine
-
-
-_WARNED_DETERMINISM = False
-
-
-@contextlib.contextmanager
-def int8_kernels_allowed() -> Iterator[None]:
-    """Let int8 CPU kernels run inside the block under ``torch.use_deterministic_algorithms(True)``.
-
-    int8 CPU kernels call ``quantized_resize_``, which torch flags as non-deterministic (CPU int8
-    inference is deterministic in practice), and ``Trainer(deterministic=True)`` leaves the global
-    flag on after fit — so conversion, export verification and the report would raise. Inside this
-    block determinism only warns (once per process, saying so); the caller's setting is restored.
-    """
-    global _WARNED_DETERMINISM
-    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-    if strict:
-        if not _WARNED_DETERMINISM:
-            warnings.warn("deterministic algorithms are on (Trainer(deterministic=True)); int8 CPU kernels have no "
-                          "deterministic flag (quantized_resize_), so it is relaxed to warn-only while int8 models are "
-                          "converted, exported, verified and measured, and restored afterwards.", UserWarning, stacklevel=3)
-            _WARNED_DETERMINISM = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        if strict:
-            torch.use_deterministic_algorithms(True)
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str | None) -> Iterator[str]:
-    """Set ``torch.backends.quantized.engine`` for the block and restore it afterwards.
-
-    Weight packing happens at ``convert``/load time with the engine active then, and the same
-    int8 model can give (slightly) different numbers under another engine, so every FX step
-    runs inside this context. ``None`` leaves the current engine alone. int8 kernels may run
-    under deterministic mode inside it (:func:`int8_kernels_allowed`).
-    """
-    previous = torch.backends.quantized.engine
-    if engine is not None:
-        check_engine(engine)
-        torch.backends.quantized.engine = engine
-    try:
-        with int8_kernels_allowed():
-            yield previous if engine is None else engine
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 def _module_stack_tracer():

@@ -6,7 +6,7 @@ need this flow:
 
 ``torch.export.export(model, inputs).module()`` -> ``prepare_qat_pt2e`` / ``prepare_pt2e``
 (annotations from ``XNNPACKQuantizer``, symmetric int8, per-channel weights) -> train or
-calibrate -> ``convert_pt2e`` -> :func:`lightning_eff.infra.export.export_executorch`.
+calibrate -> ``convert_pt2e`` -> :func:`lightning_eff.export.export_executorch`.
 
 The quantizer works on ATen ops, so timm's ``BatchNormAct2d`` needs no rewrite here: conv,
 batch_norm and relu/hardtanh appear as separate ops and XNNPACK's patterns fold BN and fuse the
@@ -62,7 +62,11 @@ def _imports():
             move_exported_model_to_eval,
             move_exported_model_to_train,
         )
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+        from torchao.quantization.pt2e.quantize_pt2e import (
+            convert_pt2e,
+            prepare_pt2e,
+            prepare_qat_pt2e,
+        )
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ExportUnavailableError(f"{_MISSING} ({err}).") from err
     return {

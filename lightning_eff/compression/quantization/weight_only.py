@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from torch import nn
 
 from lightning_eff.compression.quantization.affine import DEFAULT_EPS, qrange, quantize
 from lightning_eff.errors import ConfigError, NoEffectWarning
+from lightning_eff.surgery import ModuleSelector
 from lightning_eff.validation import check_bool, check_choice, check_int
 
 __all__ = [
@@ -407,6 +407,11 @@ def _check_bits(bits, scheme: str) -> int:
 
 
 def _selector(include) -> Callable[[str, nn.Module], bool]:
+    """``include`` entries are module classes or regexes searched in module names; a module matching either is taken.
+
+    Built from :class:`lightning_eff.surgery.ModuleSelector` (one selector for every technique): names are
+    matched on their canonical form, so a wrapped network (``torch.compile``, checkpoint wrappers) selects alike.
+    """
     entries = list(include) if isinstance(include, (list, tuple)) else [include]
     if not entries:
         raise ConfigError("include=() selects nothing; pass module types and/or a regex on module names.")
@@ -415,10 +420,9 @@ def _selector(include) -> Callable[[str, nn.Module], bool]:
         if isinstance(entry, type) and issubclass(entry, nn.Module):
             types.append(entry)
         elif isinstance(entry, str):
-            try:
-                patterns.append(re.compile(entry))
-            except re.error as exc:
-                raise ConfigError(f"include={entry!r} is not a valid regex: {exc}.") from None
+            patterns.append(entry)
         else:
             raise ConfigError(f"include entry {entry!r} must be an nn.Module subclass or a regex string on module names.")
-    return lambda name, module: isinstance(module, tuple(types)) or any(p.search(name) for p in patterns)
+    by_type = ModuleSelector(types=types) if types else None
+    by_name = ModuleSelector(include=patterns, match="search") if patterns else None
+    return lambda name, module: bool((by_type and by_type.selects(name, module)) or (by_name and by_name.selects(name, module)))

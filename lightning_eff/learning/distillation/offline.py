@@ -30,10 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_eff.data.indexed import IndexedBatch
+from lightning_eff.atomic import atomic_torch_save
+from lightning_eff.batch import IndexedBatch, call_with_inputs
 from lightning_eff.errors import ConfigError
-from lightning_eff.infra.checkpoint_io import atomic_torch_save
-from lightning_eff.infra.footprint import call_with_inputs
 from lightning_eff.validation import check_number
 
 __all__ = ["model_fingerprint", "compute_teacher_logits", "cache_teacher_logits", "TeacherLogitCache", "pseudo_label",
@@ -52,7 +51,7 @@ def default_output_fn(output: Any) -> Tensor:
 
 
 def _batch_inputs(batch: Any) -> Any:
-    from lightning_eff.callbacks.common import model_inputs
+    from lightning_eff.batch import model_inputs
 
     return model_inputs(batch)
 
@@ -199,7 +198,7 @@ def cache_teacher_logits(teacher: nn.Module, datamodule: Any, path: str | os.Pat
     Raises:
         ConfigError: the datamodule cannot carry example indices.
     """
-    from lightning_eff.callbacks.distillation_utils import dataset_labels, in_order
+    from lightning_eff.learning.distillation.plumbing import dataset_labels, in_order
 
     if not hasattr(datamodule, "return_index"):
         raise ConfigError(f"cache_teacher_logits needs a datamodule with return_index (ours); got {type(datamodule).__name__}.")

@@ -4,7 +4,7 @@ A teacher may be given as:
 
 - an ``nn.Module`` (used as is);
 - a Lightning checkpoint path (``*.ckpt``): loaded with ``teacher_class.load_from_checkpoint``
-  (default :class:`~lightning_eff.tasks.ClassificationTask`), and its ``.model`` is the teacher;
+  or, without ``teacher_class``, rebuilt from its recorded model spec and ``model.*`` weights;
 - a Hugging Face model directory (holds ``config.json``): ``AutoModelForSequenceClassification``,
   offline (``local_files_only``), so a real pretrained BERT the user downloaded works;
 - a registered model name or spec (``"mobilenetv2"`` or ``{"name": ..., **kwargs}``), optionally
@@ -22,89 +22,34 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_eff.errors import ConfigError
+from lightning_eff.models.loading import load_model, strip_prefix
 
-__all__ = ["load_teacher", "freeze_teacher", "check_not_student", "strip_prefix"]
+__all__ = ["load_teacher", "freeze_teacher", "check_not_student", "strip_prefix"]  # strip_prefix: from models.loading
 
 log = logging.getLogger(__name__)
-
-
-def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``state`` under ``prefix`` with the prefix removed (all entries when none match)."""
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return sub or dict(state)
-
-
-def _load_weights(model: nn.Module, path: str) -> nn.Module:
-    if not Path(path).is_file():
-        raise ConfigError(f"teacher checkpoint={path!r} does not exist.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = strip_prefix(state["state_dict"], "model.")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"teacher checkpoint={path!r} does not fit the teacher model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]} (first 5 shown). Check the teacher's name and options."
-        )
-    return model
 
 
 def load_teacher(spec: Any, num_classes: int | None = None, teacher_class: type | None = None,
                  checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """Resolve ``spec`` (module, ``.ckpt`` path, HF directory, registry name or spec) to a teacher module.
 
+    :func:`lightning_eff.models.loading.load_model` with the errors naming ``teacher``.
+
     Args:
         spec: see the module docstring.
         num_classes: passed to registry models that do not set it.
-        teacher_class: LightningModule class for ``.ckpt`` paths (default ``ClassificationTask``).
+        teacher_class: LightningModule class for ``.ckpt`` paths (default: the checkpoint's own model spec).
         checkpoint: weights for a registry model (``.ckpt`` with ``model.*`` keys, or a state dict).
 
     Raises:
         ConfigError: a path that does not exist, an unknown model name, or weights that do not fit.
     """
-    if isinstance(spec, nn.Module):
-        return _load_weights(spec, os.fspath(checkpoint)) if checkpoint is not None else spec
-    if isinstance(spec, (str, os.PathLike)) and (Path(spec).suffix == ".ckpt" or Path(spec).expanduser().is_dir()):
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"teacher={str(spec)!r} is a folder without config.json; give a Hugging Face model folder.")
-            from transformers import AutoModelForSequenceClassification
-
-            return AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-        if not path.is_file():
-            raise ConfigError(f"teacher={str(spec)!r}: checkpoint file not found.")
-        if teacher_class is None:
-            from lightning_eff.tasks import ClassificationTask as teacher_class
-        task = teacher_class.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
-        return getattr(task, "model", task)
-    from lightning_eff.models import create_model
-
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ConfigError(
-            f"teacher={spec!r} must be an nn.Module, a .ckpt path, a Hugging Face model folder, a registered "
-            "model name, or a spec {'name': ..., **options}."
-        )
-    kwargs = dict(spec)
-    name = kwargs.pop("name")
-    checkpoint = kwargs.pop("checkpoint", checkpoint)
-    if num_classes is not None:
-        kwargs.setdefault("num_classes", num_classes)
-    model = create_model(name, **kwargs)
-    if checkpoint is None:
-        log.warning("teacher %r has no checkpoint: a randomly initialised teacher teaches nothing useful.", name)
-        return model
-    return _load_weights(model, os.fspath(checkpoint))
+    return load_model(spec, num_classes, task_class=teacher_class, checkpoint=checkpoint, option="teacher")
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:

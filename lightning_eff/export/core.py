@@ -1,4 +1,4 @@
-"""Export to TorchScript (``.pt``), the lite interpreter (``.ptl``), ExecuTorch (``.pte``) and ONNX.
+"""What every back end shares: atomic writes, metadata, eval mode, tracing, loading and verification.
 
 Every artifact carries its own metadata (``lightning_eff.json``: format, quantized engine, torch
 version, input shapes) so that a model packed for ``qnnpack`` and loaded under ``x86`` is noticed
@@ -18,6 +18,7 @@ What works on the pinned build (RELIABILITY.md):
   the pt2e flow (:mod:`lightning_eff.compression.quantization.pt2e`).
 
 Example:
+    >>> from lightning_eff.export import export_torchscript
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
     >>> x = torch.randn(2, 1, 8, 8)
     >>> path = export_torchscript(net, (x,), "/tmp/net.pt")
@@ -28,39 +29,22 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib
-import json
 import math
 import os
 import shutil
 import tempfile
 import warnings
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_eff.errors import ConfigError, ExportUnavailableError
+from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_bool, check_choice
 
-__all__ = [
-    "ExportError",
-    "METADATA_NAME",
-    "export_torchscript",
-    "export_lite",
-    "export_executorch",
-    "export_onnx",
-    "mobile_optimizer_available",
-    "load_artifact",
-    "read_metadata",
-    "verify_artifact",
-    "sqnr_from_sums",
-    "perturbed_inputs",
-    "Artifact",
-]
+__all__ = ["ExportError", "METADATA_NAME", "load_artifact", "read_metadata", "verify_artifact", "sqnr_from_sums", "perturbed_inputs", "Artifact"]
 
 METADATA_NAME = "lightning_eff.json"
 
@@ -117,11 +101,11 @@ def _warn_if_fake_quant(model: Any) -> None:
 
 
 def _engine_of(model: Any, engine: str | None) -> str | None:
-    from lightning_eff.compression.quantization.preflight import check_engine
+    from lightning_eff.compression.quantization.engines import check_engine
 
     if engine is not None:
         return check_engine(engine)
-    from lightning_eff.compression.quantization.fx import model_engine
+    from lightning_eff.compression.quantization.engines import model_engine
 
     recorded = model_engine(model)
     if recorded is not None:
@@ -228,224 +212,17 @@ def _to_script(model: nn.Module, inputs: tuple, method: str) -> torch.jit.Script
 
 
 # ---------------------------------------------------------------------------------- TorchScript
-def export_torchscript(
-    model: nn.Module,
-    example_inputs: Any,
-    path: str | os.PathLike,
-    *,
-    method: str = "auto",
-    engine: str | None = None,
-) -> Path:
-    """Save ``model`` as TorchScript (``torch.jit.save``) with engine metadata; atomic.
-
-    Args:
-        model: float or int8 (FX-converted) model; exported in eval mode, mode restored after.
-        example_inputs: tensor or tuple used to trace (and recorded in metadata).
-        path: target file (``.pt``).
-        method: ``"trace"`` (trace warnings are errors, ``check_trace`` re-runs and
-            compares), ``"script"``, or ``"auto"`` (default: script FX ``GraphModule`` s, i.e.
-            models from ``convert_fx_model``, whose int8 ops would raise spurious trace
-            warnings about their constant scales; trace everything else).
-        engine: quantized engine to record; default the one stored on the model by
-            ``convert_fx_model``, or the current engine for other quantized models.
-
-    Returns:
-        ``path`` as a ``Path``.
-
-    Raises:
-        ConfigError: bad option. ExportError: tracing/scripting failed or was unfaithful.
-    """
-    method = _resolve_method(model, method)
-    inputs = _inputs(example_inputs)
-    engine = _engine_of(model, engine)
-    _warn_if_fake_quant(model)
-    from lightning_eff.compression.quantization.preflight import quantized_engine
-
-    meta = _metadata("torchscript", inputs, engine, method=method, quantized=_is_quantized(model))
-    with _eval_mode(model), quantized_engine(engine):
-        scripted = _to_script(model, inputs, method)
-        with _atomic_target(path) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta)})
-    return Path(path)
-
-
-def mobile_optimizer_available() -> bool:
-    """True when this torch build has XNNPACK, which ``optimize_for_mobile`` needs."""
-    return bool(torch._C._is_xnnpack_enabled())
-
-
-def export_lite(
-    model: nn.Module,
-    example_inputs: Any,
-    path: str | os.PathLike,
-    *,
-    engine: str | None = None,
-    method: str = "auto",
-    optimize: bool = False,
-) -> Path:
-    """Save for PyTorch Mobile's lite interpreter (``.ptl``) with engine metadata; atomic.
-
-    Args:
-        model, example_inputs, engine, method: as in :func:`export_torchscript`.
-        path: target file (``.ptl``).
-        optimize: run ``optimize_for_mobile`` first (needs XNNPACK in the torch build).
-
-    Raises:
-        ExportUnavailableError: ``optimize=True`` on a build without XNNPACK (checked before
-            anything is written); use :func:`export_executorch` instead.
-        ExportError: tracing failed.
-    """
-    check_bool("optimize", optimize)
-    method = _resolve_method(model, method)
-    if optimize and not mobile_optimizer_available():
-        raise ExportUnavailableError(
-            "optimize_for_mobile needs XNNPACK, and this torch build has it disabled "
-            "(torch._C._is_xnnpack_enabled() is False; torch would fail with an INTERNAL ASSERT). "
-            "Export without optimize=True, or use ExecuTorch (export_executorch -> .pte with the XNNPACK backend)."
-        )
-    inputs = _inputs(example_inputs)
-    engine = _engine_of(model, engine)
-    _warn_if_fake_quant(model)
-    from lightning_eff.compression.quantization.preflight import quantized_engine
-
-    meta = _metadata("lite", inputs, engine, method=method, quantized=_is_quantized(model), optimized=optimize)
-    with _eval_mode(model), quantized_engine(engine):
-        scripted = _to_script(model, inputs, method)
-        if optimize:
-            from torch.utils.mobile_optimizer import optimize_for_mobile
-
-            scripted = optimize_for_mobile(scripted)
-        with _atomic_target(path) as tmp:
-            scripted._save_for_lite_interpreter(str(tmp), _extra_files={METADATA_NAME: json.dumps(meta)})
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------------ ExecuTorch
-def _write_sidecar(path: Path, meta: dict) -> None:
-    with _atomic_target(Path(f"{path}.json")) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1))
-
-
-def export_executorch(
-    model_or_exported: Any,
-    example_inputs: Any,
-    path: str | os.PathLike,
-    *,
-    int8: bool = False,
-    per_channel: bool = True,
-    calibration: Sequence[Any] | None = None,
-) -> Path:
-    """Lower to an ExecuTorch program with the XNNPACK backend and write the ``.pte``; atomic.
-
-    Args:
-        model_or_exported: a float ``nn.Module``, a pt2e-converted ``GraphModule`` or a
-            ``torch.export.ExportedProgram``.
-        example_inputs: tensor or tuple; the ``.pte`` has these static shapes.
-        path: target file (``.pte``); metadata goes to ``<path>.json``.
-        int8: quantize a float module first with pt2e static PTQ (XNNPACK symmetric int8),
-            calibrated on ``calibration`` batches (default: the example inputs). Models already
-            converted by ``convert_pt2e_model`` are exported as they are.
-        per_channel: per-channel weights for ``int8=True``.
-        calibration: batches (tensors or tuples) for ``int8=True``.
-
-    Raises:
-        ExportUnavailableError: executorch not installed.
-        ExportError: ``torch.export`` or lowering failed (e.g. an FX/eager int8 model, which
-            torch.export cannot capture: use the pt2e flow).
-    """
-    check_bool("int8", int8)
-    inputs = _inputs(example_inputs)
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-    except ImportError as err:
-        raise ExportUnavailableError(
-            f"ExecuTorch is not installed ({err}); pip install 'lightning_eff[export]' (executorch==1.5.1), "
-            "or export TorchScript / lite (.pt / .ptl) instead."
-        ) from err
-    from lightning_eff.compression.quantization import pt2e
-
-    target = model_or_exported
-    quantized = isinstance(target, nn.Module) and pt2e.is_pt2e_quantized(target)
-    if int8 and isinstance(target, nn.Module) and not quantized:
-        if _is_quantized(target):
-            raise ExportError(
-                "this model was quantized with torch.ao (eager/FX), which torch.export cannot capture; "
-                "quantize with prepare_pt2e_model/convert_pt2e_model or pass the float model with int8=True."
-            )
-        prepared = pt2e.prepare_pt2e_model(target, inputs, qat=False, per_channel=per_channel)
-        with torch.no_grad():
-            for batch in calibration or [inputs]:
-                prepared(*_inputs(batch))
-        target = pt2e.convert_pt2e_model(prepared, inplace=True)
-        quantized = True
-    try:
-        if isinstance(target, torch.export.ExportedProgram):
-            program = target
-        else:
-            with _eval_mode(target), torch.no_grad():
-                program = torch.export.export(target, inputs)
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
-    except Exception as err:
-        raise ExportError(f"ExecuTorch export failed: {type(err).__name__}: {err}") from err
-    path = Path(path)
-    with _atomic_target(path) as tmp:
-        tmp.write_bytes(lowered.buffer)
-    _write_sidecar(path, _metadata("executorch", inputs, "xnnpack", quantized=bool(quantized or int8)))
-    return path
-
 
 # ------------------------------------------------------------------------------------------ ONNX
-def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int | None = None) -> Path:
-    """Export a float model to ONNX with ``torch.onnx.export`` (dynamo exporter); atomic.
-
-    torch.ao int8 models are not supported by the exporter; export the float model and quantize
-    in the ONNX toolchain. Metadata goes into the model's ``metadata_props``.
-
-    Raises:
-        ExportUnavailableError: ``onnx``/``onnxscript`` not installed.
-        ExportError: the exporter failed.
-    """
-    try:
-        import onnx
-
-        importlib.import_module("onnxscript")  # the dynamo exporter needs it
-    except ImportError as err:
-        raise ExportUnavailableError(f"ONNX export needs onnx and onnxscript ({err}); pip install onnx onnxscript.") from err
-    inputs = _inputs(example_inputs)
-    if _is_quantized(model):
-        raise ExportError("torch.ao int8 models cannot be exported to ONNX here; export the float model instead.")
-    meta = _metadata("onnx", inputs, None, opset=opset)
-    with _eval_mode(model), _atomic_target(path) as tmp:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, external_data=False)
-        except Exception as err:
-            raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
-        proto = program.model_proto
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_NAME, json.dumps(meta)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-    return Path(path)
-
 
 # -------------------------------------------------------------------------------- load / verify
 def _read_metadata(path: Path) -> dict:
-    suffix = path.suffix.lower()
-    if suffix == ".pte":
-        side = Path(f"{path}.json")
-        return json.loads(side.read_text()) if side.exists() else {}
-    if suffix == ".onnx":
-        import onnx
+    from lightning_eff.export.registry import exporter_for_path
 
-        proto = onnx.load(str(path), load_external_data=False)
-        props = {p.key: p.value for p in proto.metadata_props}
-        return json.loads(props[METADATA_NAME]) if METADATA_NAME in props else {}
-    with zipfile.ZipFile(path) as zf:
-        name = next((n for n in zf.namelist() if n.endswith(f"/extra/{METADATA_NAME}")), None)
-        return json.loads(zf.read(name)) if name else {}
+    return exporter_for_path(path).read_metadata(path)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -486,7 +263,7 @@ class Artifact:
         self.path, self.kind, self.module, self.metadata, self.engine = path, kind, module, metadata, engine
 
     def __call__(self, *inputs: Any) -> Any:
-        from lightning_eff.compression.quantization.preflight import quantized_engine
+        from lightning_eff.compression.quantization.engines import quantized_engine
 
         if self.kind == "executorch":
             out = self.module.execute(list(inputs))
@@ -515,41 +292,19 @@ def load_artifact(path: str | os.PathLike, *, use_recorded_engine: bool = True) 
         FileNotFoundError: no such file. ConfigError: unknown suffix.
         ExportUnavailableError: the runtime for the format is missing (executorch, onnxruntime).
     """
-    from lightning_eff.compression.quantization.preflight import quantized_engine, supported_engines
+    from lightning_eff.compression.quantization.engines import supported_engines
+    from lightning_eff.export.registry import exporter_for_path, formats
 
     check_bool("use_recorded_engine", use_recorded_engine)
     path = Path(path)
-    suffix = path.suffix.lower()
-    check_choice("artifact suffix", suffix, [".pt", ".ptl", ".pte", ".onnx"])
+    check_choice("artifact suffix", path.suffix.lower(), [f".{f}" for f in formats()])
+    exporter = exporter_for_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no artifact at {path}")
-    if use_recorded_engine:
-        meta = _read_metadata(path)
-    else:
-        meta = read_metadata(path)
+    meta = _read_metadata(path) if use_recorded_engine else read_metadata(path)
     engine = meta.get("engine") if use_recorded_engine and meta.get("engine") in supported_engines() else None
-    if suffix == ".pte":
-        try:
-            from executorch.runtime import Runtime
-        except ImportError as err:
-            raise ExportUnavailableError(f"loading .pte needs executorch ({err}); pip install executorch==1.5.1.") from err
-        method = Runtime.get().load_program(path).load_method("forward")
-        return Artifact(path, "executorch", method, meta, None)
-    if suffix == ".onnx":
-        try:
-            import onnxruntime
-        except ImportError as err:
-            raise ExportUnavailableError(
-                f"running .onnx needs onnxruntime ({err}); pip install onnxruntime, or check the file with onnx.checker."
-            ) from err
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return Artifact(path, "onnx", session, meta, None)
-    with quantized_engine(engine):
-        if suffix == ".ptl":
-            from torch.jit.mobile import _load_for_lite_interpreter
-
-            return Artifact(path, "lite", _load_for_lite_interpreter(str(path)), meta, engine)
-        return Artifact(path, "torchscript", torch.jit.load(str(path)).eval(), meta, engine)
+    engine = engine if exporter.kind in ("torchscript", "lite") else None
+    return Artifact(path, exporter.kind, exporter.load(path, engine), meta, engine)
 
 
 def perturbed_inputs(example_inputs: Any, n: int = 2, *, scale: float = 0.5, seed: int = 0) -> list[tuple]:

@@ -22,11 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.compression.pruning.speed import sparsity_latency, weight_zero_fraction
-from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8, model_engine
-from lightning_eff.compression.quantization.preflight import quantized_engine
-from lightning_eff.infra.footprint import cpu_capability, cpu_flags, measure_footprint
-from lightning_eff.tasks.classification import call_model, split_batch
+from lightning_eff.batch import call_model, split_batch
+from lightning_eff.compression.pruning.speed import (
+    sparsity_latency,
+    weight_zero_fraction,
+)
+from lightning_eff.compression.quantization.engines import (
+    model_engine,
+    quantized_engine,
+)
+from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8
+from lightning_eff.measure import cpu_capability, cpu_flags, measure_footprint
+from lightning_eff.protocols import offered_models
 from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["build_report", "evaluate_accuracy", "collect_deployables", "describe_model", "int8_speed"]
@@ -106,13 +113,8 @@ def int8_speed(rows: Mapping[str, Mapping[str, Any]], artifacts: Sequence[Mappin
 
 
 def collect_deployables(callbacks: Sequence[Any]) -> dict[str, nn.Module]:
-    """Merge ``deployable_models()`` of every callback that offers it (later stages win on name clashes)."""
-    models: dict[str, nn.Module] = {}
-    for cb in callbacks:
-        fn = getattr(cb, "deployable_models", None)
-        if callable(fn):
-            models.update(fn())
-    return models
+    """Merge ``deployable_models()`` of every :class:`~lightning_eff.protocols.Deployable` callback (later ones win on name clashes)."""
+    return offered_models(callbacks)
 
 
 def build_report(

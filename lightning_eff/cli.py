@@ -353,6 +353,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
                 raise ConfigError(f"stages.{stage.name}: the last stage must train (it has a checkpoint and nothing to fit).")
             network, path = _load_stage_network(stage, datamodule)
         else:
+            if stage.continues and task is None:
+                raise ConfigError(f"stages.{stage.name}.model='previous': the stage before it trained nothing (it loaded a checkpoint).")
             if stage.continues:
                 # e.g. QAT fine-tuning: a copy of the float model first, the report's fp32 baseline row
                 fp32_model = copy.deepcopy(task.model).cpu().eval()
@@ -370,7 +372,15 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
                 task = build(task_node, "task", model=spec)
                 if handed is not None and handed[0] in ("init", "backbone"):
                     if handed[0] == "init":
-                        task.model.load_state_dict(handed[1].state_dict())
+                        src, dst = handed[1].state_dict(), task.model.state_dict()
+                        shapes = [k for k in src if k in dst and src[k].shape != dst[k].shape]
+                        missing, unexpected = [k for k in dst if k not in src], [k for k in src if k not in dst]
+                        if shapes or missing or unexpected:
+                            raise ConfigError(
+                                f"stages.{stage.name}: the previous stage hands over 'init', but its weights do not fit this "
+                                f"stage's model: {len(shapes)} of another shape (e.g. {shapes[:3]}), {len(missing)} missing, "
+                                f"{len(unexpected)} unexpected; hand over 'backbone' to copy the matching part.")
+                        task.model.load_state_dict(src)
                     else:
                         copied = copy_backbone(handed[1], task.model)
                         log.info("stage %s: %d tensors of the backbone handed over", stage.name, len(copied))

@@ -117,3 +117,14 @@ def test_pipeline_hands_a_backbone_over_and_extra_callbacks_join_the_last_stage(
     pre = torch.load(tmp_path / "pre" / "pre.ckpt", weights_only=True)["state_dict"]
     pre = {k[len("model."):]: v for k, v in pre.items() if k.startswith("model.")}
     assert all(torch.equal(seen.weights[k], v) for k, v in pre.items())
+
+
+@needs_fmnist
+def test_init_hand_over_that_does_not_fit_is_refused_by_stage(tmp_path):
+    cfg = compose("mobilenet_baseline", [
+        f"run_dir={tmp_path}", *TINY_OVERRIDES, "callbacks.footprint=null", "++trainer.max_steps=1",
+        "++stages={pre: {model: {name: plain_cnn, width: 0.25}, hands_over: init}, fit: {model: {name: plain_cnn, width: 0.5}}}",
+    ])
+    with pytest.raises(ConfigError, match=r"stages.fit: the previous stage hands over 'init'.*hand over 'backbone'"):
+        run(cfg)
+    assert (tmp_path / "pre" / "pre.ckpt").is_file()  # the trained stage is kept

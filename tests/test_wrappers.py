@@ -180,3 +180,15 @@ def test_qat_bookkeeping_under_wrappers(tmp_path, wrap):
     assert isinstance(m.net, torch.fx.GraphModule)
     assert set(float_state_dict(m.net)) == set(UserNet().state_dict())
     assert "qat_int8_x86" in qat.deployable_models()
+
+
+def test_export_ships_the_network_inside_a_compile_wrapper(tmp_path):
+    from lightning_eff.callbacks import Export
+
+    torch.manual_seed(0)
+    m = UserModule()
+    m.net = compiled(m.net)
+    export = Export(formats=["pt"], module_attr="net", latency=False, output_dir=str(tmp_path / "art"))
+    user_trainer(tmp_path, [export], max_steps=1).fit(m, datamodule=UserData())
+    (entry,) = [a for a in export.artifacts() if a["variant"] == "fp32"]
+    assert entry["verified"] is True and (tmp_path / "art" / "fp32.pt").is_file()

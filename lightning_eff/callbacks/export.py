@@ -53,6 +53,7 @@ from lightning_eff.compression.quantization.engines import int8_kernels_allowed
 from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8
 from lightning_eff.errors import ConfigError
 from lightning_eff.measure import cpu_capability, file_bytes, gzip_size, measure_latency
+from lightning_eff.naming import unwrap_model
 from lightning_eff.protocols import offered_models
 from lightning_eff.surgery import check_submodule, get_submodule, submodule_inputs
 from lightning_eff.validation import as_list, check_bool, check_int, check_number
@@ -245,7 +246,7 @@ class Export(EffCallback):
         models: dict[str, nn.Module] = {}
         net = self.network(pl_module)
         if self.include_float and not is_fake_quant(net):
-            models["fp32"] = cpu_copy(net)
+            models["fp32"] = cpu_copy(unwrap_model(net))  # a compile / checkpoint wrapper is not what ships
         # exportable=False: the callback's own files are the artifact (weight-only packed codes);
         # a TorchScript/.pte of its dequantized float model would only be fp32 bytes again.
         models.update(offered_models(trainer.callbacks, skip=self, exportable_only=True))
@@ -273,7 +274,7 @@ class Export(EffCallback):
             return self._export(trainer, pl_module)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
-        out_dir = Path(self.output_dir or Path(trainer.default_root_dir) / "artifacts")
+        out_dir = self.output_folder(trainer, self.output_dir, "artifacts")
         out_dir.mkdir(parents=True, exist_ok=True)
         examples = example_inputs(trainer, self.verify_examples + 1)
         if examples is None:

@@ -192,3 +192,45 @@ def test_export_ships_the_network_inside_a_compile_wrapper(tmp_path):
     user_trainer(tmp_path, [export], max_steps=1).fit(m, datamodule=UserData())
     (entry,) = [a for a in export.artifacts() if a["variant"] == "fp32"]
     assert entry["verified"] is True and (tmp_path / "art" / "fp32.pt").is_file()
+
+
+def _fit_resumed(root, make_callback, wrap_first, wrap_second):
+    """Epoch 1 with the network wrapped by ``wrap_first``, a checkpoint, epoch 2 in a new Trainer with ``wrap_second``."""
+    torch.manual_seed(0)
+    m = UserModule()
+    if wrap_first:
+        m.net = WRAPPERS[wrap_first](m.net)
+    trainer = user_trainer(root, [make_callback(), _StopAfterFirstEpoch()], max_epochs=2)
+    trainer.fit(m, datamodule=UserData())
+    path = f"{root}/epoch1.ckpt"
+    trainer.save_checkpoint(path)
+    torch.manual_seed(1)
+    m2 = UserModule()
+    if wrap_second:
+        m2.net = WRAPPERS[wrap_second](m2.net)
+    user_trainer(root, [make_callback()], max_epochs=2).fit(m2, datamodule=UserData(), ckpt_path=path)
+    return m2
+
+
+def _teacher() -> nn.Module:
+    torch.manual_seed(3)
+    return UserNet().eval()
+
+
+RESUMABLE = {
+    "qat": lambda: QuantizationAwareTraining(engines=["x86"], module_attr="net"),
+    "distillation": lambda: Distillation(teacher=_teacher(), layers={"conv2": "conv2"}, module_attr="net"),
+}
+
+
+@pytest.mark.parametrize("technique", RESUMABLE)
+@pytest.mark.parametrize("first, second", [("compile", None), (None, "compile")])
+def test_qat_and_distillation_resume_across_a_compile_wrapper(tmp_path, technique, first, second):
+    torch.manual_seed(0)
+    reference = UserModule()
+    user_trainer(tmp_path / "ref", [RESUMABLE[technique]()], max_epochs=2).fit(reference, datamodule=UserData())
+    resumed = _fit_resumed(tmp_path / "res", RESUMABLE[technique], first, second)
+    want, got = _plain_weights(reference), _plain_weights(resumed)
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import needs_fmnist, needs_wordnet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from user_module import quiet_trainer
 
 from lightning_eff import ClassificationTask, ConfigError, Distillation
 from lightning_eff.data.indexed import IndexedCollate, IndexedDataset
@@ -70,11 +71,7 @@ def _teacher(seed=1, **kw):
 
 
 def _trainer(tmp_path, callbacks, **kw):
-    defaults = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
-                    default_root_dir=str(tmp_path), enable_checkpointing=False)
-    defaults.update(kw)
-    return L.Trainer(callbacks=callbacks, **defaults)
+    return quiet_trainer(tmp_path, callbacks, **{**dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0), **kw})
 
 
 def test_one_step_equals_hand_computed_equation_5(tmp_path):

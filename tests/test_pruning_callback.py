@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from user_module import quiet_trainer
 
 from lightning_eff.callbacks.pruning import Pruning
 from lightning_eff.compression.pruning import load_sparse
@@ -56,9 +57,7 @@ def _loader(n=64, batch=8):
 
 
 def _trainer(tmp_path, callbacks, max_epochs=2, **kw):
-    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu", devices=1,
-                     deterministic=True, **kw)
+    return quiet_trainer(tmp_path, callbacks, **{**dict(max_epochs=max_epochs, devices=1, deterministic=True, enable_checkpointing=True), **kw})
 
 
 class ZeroWatcher(L.Callback):

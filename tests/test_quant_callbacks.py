@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from user_module import quiet_trainer
 
 from lightning_eff import (
     ClassificationTask,
@@ -41,11 +42,8 @@ def _task() -> ClassificationTask:
 
 
 def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
-    defaults = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1, limit_test_batches=2, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
-                    default_root_dir=str(tmp_path), enable_checkpointing=False)
-    defaults.update(kw)
-    return L.Trainer(callbacks=callbacks, **defaults)
+    return quiet_trainer(tmp_path, callbacks, **{**dict(max_epochs=1, limit_train_batches=3, limit_val_batches=1, limit_test_batches=2,
+                                                        num_sanity_val_steps=0), **kw})
 
 
 def test_qat_prepares_in_setup_converts_a_copy_and_stays_trainable(tmp_path):

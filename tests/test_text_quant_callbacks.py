@@ -13,6 +13,7 @@ import torch
 import torch.ao.nn.quantized as nnq
 from torch import nn
 from torch.utils.data import DataLoader
+from user_module import quiet_trainer
 
 import lightning_eff.models._register_text  # noqa: F401  (registers pqrnn, prado)
 from lightning_eff import (
@@ -62,11 +63,7 @@ def _task(name: str = "pqrnn_tiny", **spec) -> ClassificationTask:
 
 
 def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
-    defaults = dict(max_epochs=2, limit_train_batches=4, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", default_root_dir=str(tmp_path),
-                    enable_checkpointing=False)
-    defaults.update(kw)
-    return L.Trainer(callbacks=callbacks, **defaults)
+    return quiet_trainer(tmp_path, callbacks, **{**dict(max_epochs=2, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0), **kw})
 
 
 def _int8_linears(net: nn.Module) -> int:

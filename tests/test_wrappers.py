@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
+from user_module import UserData, UserModule, UserNet, user_trainer
 
 from lightning_eff.callbacks import Distillation, Pruning, QuantizationAwareTraining
 from lightning_eff.compression.pruning.config import PruningConfig
@@ -31,7 +32,6 @@ from lightning_eff.naming import (
     unwrap_model,
 )
 from lightning_eff.surgery import ModuleSelector, get_submodule, set_submodule
-from tests.user_module import UserData, UserModule, UserNet, user_trainer
 
 
 def compiled(net: nn.Module) -> nn.Module:

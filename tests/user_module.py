@@ -1,6 +1,7 @@
 """A LightningModule written outside this project, as a new user would (network in ``self.net``).
 
-Shared by the tests of what users hit with their own modules (``test_user_modules.py``).
+Shared by the tests of what users hit with their own modules (``test_user_modules.py``), the contract suite
+and the wrapper tests; :func:`quiet_trainer` is the one Trainer every callback test file builds on.
 """
 from __future__ import annotations
 
@@ -77,9 +78,14 @@ class UserData(L.LightningDataModule):
     test_dataloader = predict_dataloader = val_dataloader
 
 
+#: What every test Trainer shares: CPU, no logger, no progress bar, no model summary, no checkpoints.
+QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", enable_checkpointing=False)
+
+
+def quiet_trainer(root, callbacks, **kw) -> L.Trainer:
+    """The one test Trainer: :data:`QUIET` in ``root``; ``kw`` (each test file's defaults, then the test's) override."""
+    return L.Trainer(callbacks=callbacks, **{**QUIET, "default_root_dir": str(root), **kw})
+
+
 def user_trainer(root, callbacks, **kw) -> L.Trainer:
-    defaults = dict(max_epochs=1, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                    default_root_dir=str(root), enable_checkpointing=False)
-    defaults.update(kw)
-    return L.Trainer(callbacks=callbacks, **defaults)
+    return quiet_trainer(root, callbacks, **{**dict(max_epochs=1, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2), **kw})

@@ -30,7 +30,7 @@ from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_int
 
 __all__ = ["IndexedBatch", "model_inputs", "split_batch", "call_with_inputs", "call_model", "resize_batch", "batch_rows",
-           "batch_len", "first_tensor", "flatten", "to_cpu", "cpu_copy"]
+           "batch_len", "first_tensor", "input_args", "flatten", "to_cpu", "cpu_copy"]
 
 
 class IndexedBatch(NamedTuple):
@@ -59,6 +59,19 @@ def first_tensor(inputs: Any) -> Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def input_args(example_inputs: Any) -> tuple:
+    """Example inputs as the positional-argument tuple a trace / export / prepare call takes.
+
+    Raises:
+        ConfigError: neither a tensor nor a non-empty tuple / list.
+    """
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise ConfigError(f"example_inputs must be a tensor or a non-empty tuple, got {type(example_inputs).__name__}.")
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:

@@ -99,7 +99,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     ``._orig_mod``, a top-level checkpoint wrapper's ``._checkpoint_wrapped_module`` (repeatedly)."""
     for _ in range(8):
         inner = None
-        for attr in ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"):
+        for attr in sorted(_WRAPPER_SEGMENTS):
             inner = inner or model.__dict__.get("_modules", {}).get(attr)
         if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
             inner = getattr(model, "module", None)

@@ -13,6 +13,8 @@ Example:
     ['0']
     >>> canonical_name("module._orig_mod.0._checkpoint_wrapped_module.weight")
     '0.weight'
+    >>> replace_modules(net, ModuleSelector(types=["ReLU"]), lambda name, m: nn.GELU())
+    ['1']
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from lightning_eff.errors import ConfigError, NoEffectWarning
 from lightning_eff.naming import WRAPPER_PREFIXES, canonical_name, unwrap_model
 from lightning_eff.validation import as_list, check_int
 
-__all__ = ["ModuleSelector", "select_modules", "canonical_name", "unwrap_model", "WRAPPER_PREFIXES", "get_submodule",
+__all__ = ["ModuleSelector", "canonical_name", "unwrap_model", "WRAPPER_PREFIXES", "get_submodule",
            "check_submodule", "set_submodule", "canonical_modules", "type_matches", "check_patterns", "replace_modules", "submodule_inputs"]
 
 
@@ -119,12 +121,6 @@ def submodule_inputs(net: nn.Module, path: str, inputs: Any, option: str = "subm
     return captured[0]
 
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Alias of :func:`lightning_eff.naming.unwrap_model`."""
-    return unwrap_model(model)
-
-
 def type_matches(module: nn.Module, types: Sequence[Any] | None) -> bool:
     """True when any class in ``type(module).__mro__`` is named in ``types`` or is one of them (``None`` = any)."""
     if types is None:
@@ -194,11 +190,6 @@ class ModuleSelector:
     def _hit(self, pattern: str, name: str) -> bool:
         return bool(re.fullmatch(pattern, name) if self.match == "full" else re.search(pattern, name))
 
-    def matching_patterns(self, name: str) -> list[str]:
-        """The include patterns that match module name ``name`` (canonicalised)."""
-        name = canonical_name(name)
-        return [p for p in self.include or [] if self._hit(p, name)]
-
     def name_selected(self, name: str) -> bool:
         """Whether ``name`` passes the include/exclude patterns."""
         name = canonical_name(name)
@@ -240,12 +231,6 @@ class ModuleSelector:
     def __repr__(self) -> str:
         return (f"ModuleSelector(include={self.include}, exclude={self.exclude or None}, types={self.types}, "
                 f"min_params={self.min_params}, match={self.match!r})")
-
-
-def select_modules(model: nn.Module, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
-                   types: Sequence[Any] | str | None = None, min_params: int = 0, match: str = "full") -> dict[str, nn.Module]:
-    """``{name: module}`` chosen by a :class:`ModuleSelector` built from the arguments."""
-    return dict(ModuleSelector(include, exclude, types, min_params, match).select(model))
 
 
 def replace_modules(model: nn.Module, selector: ModuleSelector, make: Any) -> list[str]:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.batch import input_args as _inputs
 from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_bool, check_choice
 
@@ -70,14 +71,6 @@ def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(folder / path.name, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise ConfigError(f"example_inputs must be a tensor or a non-empty tuple, got {type(example_inputs).__name__}.")
 
 
 def _is_quantized(model: Any) -> bool:

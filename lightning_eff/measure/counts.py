@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eff.batch import call_with_inputs, flatten
-from lightning_eff.naming import unwrap_model
 from lightning_eff.measure.timing import inference
+from lightning_eff.naming import unwrap_model
 
 __all__ = ["weight_tensors", "count_parameters", "count_nonzero_parameters", "serialize_state_dict", "state_dict_bytes", "gzip_size", "file_bytes", "count_macs"]
 

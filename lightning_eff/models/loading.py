@@ -52,10 +52,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike, option: str = "check
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state:
         state = strip_prefix(state["state_dict"], "model.")
+    return _fill(model, state, f"{option}={path!r}")
+
+
+def _fill(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """``model.load_state_dict(state)``, or a ConfigError naming ``source`` and the keys that do not fit."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
-            f"{option}={path!r} does not fit the model: missing {sorted(missing)[:5]}, "
+            f"{source} does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]} (first 5 shown). Check the model's name and options."
         )
     return model
@@ -74,12 +79,7 @@ def _from_lightning_checkpoint(path: Path, task_class: type | None, option: str)
         )
     kwargs = dict(spec)
     model = create_model(kwargs.pop("name"), **kwargs)
-    state = strip_prefix(ckpt["state_dict"], "model.")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{option}={str(path)!r}: weights do not fit {spec['name']!r}: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}.")
-    return model
+    return _fill(model, strip_prefix(ckpt["state_dict"], "model."), f"{option}={str(path)!r} ({spec['name']!r})")
 
 
 def load_model(spec: Any, num_classes: int | None = None, task_class: type | None = None,

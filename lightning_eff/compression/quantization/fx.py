@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.batch import input_args as _inputs
 from lightning_eff.compression.quantization.engines import (  # noqa: F401  (re-exported)
     ENGINE_ATTR,
     model_engine,
@@ -232,14 +233,6 @@ def backend_config_for(engine: str):
     }[engine]()
 
 
-def _inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise ConfigError(f"example_inputs must be a tensor or a non-empty tuple of inputs, got {type(example_inputs).__name__}.")
-
-
 def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6, fuse, inplace, qconfig_mapping, check, reduce_range):
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
@@ -370,7 +363,6 @@ def prepare_ptq_fx_model(
     return _prepare(model, example_inputs, qat=False, engine=engine, per_channel=per_channel, observer=observer,
                     relu6=relu6, fuse=fuse, inplace=inplace, qconfig_mapping=qconfig_mapping, check=check,
                     reduce_range=reduce_range)
-
 
 
 def _default_input_fn(batch: Any) -> tuple:

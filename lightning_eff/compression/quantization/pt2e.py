@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.batch import input_args as _inputs
 from lightning_eff.errors import ConfigError, ExportUnavailableError
 from lightning_eff.validation import check_bool
 
@@ -86,14 +87,6 @@ def xnnpack_quantizer(*, qat: bool, per_channel: bool = True):
     api = _imports()
     config = api["get_symmetric_quantization_config"](is_per_channel=per_channel, is_qat=qat)
     return api["XNNPACKQuantizer"]().set_global(config)
-
-
-def _inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise ConfigError(f"example_inputs must be a tensor or a non-empty tuple, got {type(example_inputs).__name__}.")
 
 
 def prepare_pt2e_model(

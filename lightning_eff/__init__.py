@@ -7,6 +7,7 @@ Attach a technique to any LightningModule in one line::
 or run a recipe: ``python train.py +recipe=mobilenet_qat``.
 """
 from lightning_eff.callbacks import (
+    ActivationCheckpointing,
     Distillation,
     Export,
     FootprintMonitor,
@@ -40,13 +41,17 @@ from lightning_eff.measure import (
     count_parameters,
     measure_footprint,
     measure_latency,
+    saved_activation_bytes,
 )
 from lightning_eff.models import create_model, list_models, register_model
 from lightning_eff.tasks import ClassificationTask
+from lightning_eff.training.checkpointing import apply_activation_checkpointing, remove_activation_checkpointing
+from lightning_eff.training.precision import resolve_precision
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCheckpointing",
     "CIFAR10DataModule",
     "ClassificationTask",
     "ConfigError",
@@ -76,4 +81,8 @@ __all__ = [
     "measure_footprint",
     "measure_latency",
     "register_model",
+    "apply_activation_checkpointing",
+    "remove_activation_checkpointing",
+    "resolve_precision",
+    "saved_activation_bytes",
 ]

@@ -38,6 +38,7 @@ from lightning_eff.measure import format_table
 from lightning_eff.models import list_models, model_signature
 from lightning_eff.report import build_report, evaluate_accuracy
 from lightning_eff.stages import Stage, copy_backbone, plan_stages
+from lightning_eff.training.precision import precision_facts, resolve_precision
 from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "data_shaped", "REPO_ROOT"]
@@ -161,6 +162,8 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     _check_node_keys("trainer", trainer, valid_trainer)
     if isinstance(trainer.get("strategy"), Mapping):
         _check_target_node("trainer.strategy", trainer["strategy"])
+    if trainer.get("precision") is not None:
+        resolve_precision(trainer["precision"], flags={})  # a ConfigError naming the choices; nothing resolved yet
     plugins = trainer.get("plugins")
     for i, node in enumerate([] if plugins is None else plugins if isinstance(plugins, list) else [plugins]):
         if isinstance(node, Mapping):
@@ -334,6 +337,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     """
     validate_config(cfg)
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+    precision = _resolve_run_precision(c)
     plan = plan_stages(c)
     optimized = check_optimized_metric(c)
     run_dir = Path(c.get("run_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
@@ -419,7 +423,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     result = {"metrics": metrics, "optimized_metric": optimized, "objective": metrics.get(optimized),
               "stages": [s.name for s in plan], "report": report["rows"], "artifacts": report["artifacts"],
               "sparsity_latency": report["sparsity"], "int8_speed": report["int8_speed"], "cpu": report["cpu"],
-              "run_dir": str(run_dir)}
+              "precision": precision, "run_dir": str(run_dir)}
     if final_trainer.is_global_zero:
         write_results(run_dir / "results.json", {"config": c, **result})
         if c.get("print_report", True):
@@ -430,6 +434,26 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
                 print(sentence)
             print(f"results: {run_dir / 'results.json'}")
     return result
+
+
+def _resolve_run_precision(c: dict) -> dict[str, Any]:
+    """Resolve ``trainer.precision`` (and each stage's) once, in place: ``auto`` becomes a Lightning value.
+
+    Returns what ``results.json`` records: the requested and resolved value and the facts it was decided from.
+    """
+    trainer = c.setdefault("trainer", {}) or {}
+    c["trainer"] = trainer
+    requested = trainer.get("precision", "32-true")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    trainer["precision"] = resolve_precision(requested, accelerator)
+    for name, stage in (c.get("stages") or {}).items():
+        stage_trainer = (stage or {}).get("trainer") or {}
+        if stage_trainer.get("precision") is not None:
+            stage_trainer["precision"] = resolve_precision(stage_trainer["precision"],
+                                                           str(stage_trainer.get("accelerator", accelerator)))
+    if str(requested) == "auto" or trainer["precision"] != "32-true":
+        log.info("trainer.precision=%r -> %r", requested, trainer["precision"])
+    return {"requested": str(requested), "resolved": trainer["precision"], "facts": precision_facts(accelerator)}
 
 
 def _to_float(v: Any) -> Any:

@@ -22,11 +22,11 @@ LAYERS = [
     ("data", ["data"]),
     ("measure", ["measure"]),
     ("models", ["models"]),
-    ("techniques", ["compression", "learning"]),
+    ("techniques", ["compression", "learning", "training"]),
     ("export", ["export"]),
     ("report", ["report"]),
     ("tasks", ["tasks"]),
-    ("callbacks", ["callbacks"]),
+    ("callbacks", ["callbacks", "strategies"]),
     ("app", ["stages", "cli", "bench", ""]),
 ]
 RANK = {top: rank for rank, (_, tops) in enumerate(LAYERS) for top in tops}

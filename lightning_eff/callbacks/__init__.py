@@ -1,4 +1,5 @@
 """Lightning callbacks: each decides *when* a technique of the functional core runs."""
+from lightning_eff.callbacks.checkpointing import ActivationCheckpointing
 from lightning_eff.callbacks.distillation import Distillation
 from lightning_eff.callbacks.export import Export
 from lightning_eff.callbacks.footprint import FootprintMonitor
@@ -9,4 +10,4 @@ from lightning_eff.callbacks.quantization import (
 )
 from lightning_eff.callbacks.weight_only import WeightOnlyQuantization
 
-__all__ = ["Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]
+__all__ = ["ActivationCheckpointing", "Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]

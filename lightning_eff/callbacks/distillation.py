@@ -79,6 +79,7 @@ from lightning_eff.learning.distillation.teacher import (
 from lightning_eff.naming import canonical_name
 from lightning_eff.schedules import ScheduledValue
 from lightning_eff.surgery import canonical_modules
+from lightning_eff.training.checkpointing import is_recomputing
 from lightning_eff.validation import check_bool, check_choice, check_number
 
 __all__ = ["Distillation"]
@@ -307,7 +308,8 @@ class Distillation(EffCallback):
             attention = pair["loss"] == "attention_kl"
 
             def hook(module, args, output, store=store, name=pair[side], attention=attention):
-                store[name] = module_feature(output, attention, name)
+                if not is_recomputing():  # an activation checkpoint re-running the layer in backward
+                    store[name] = module_feature(output, attention, name)
 
             handles.append(names[name].register_forward_hook(hook))
         if any(type(m).__name__ == "OptimizedModule" for m in net.modules()):
@@ -381,7 +383,8 @@ class Distillation(EffCallback):
         if strategy.is_global_zero:
             device = pl_module.device
             self.teacher.to(device)
-            logits = compute_teacher_logits(self.teacher, loader, output_fn=self.output_fn, device=device)
+            with trainer.precision_plugin.forward_context():  # the autocast the online teacher runs under
+                logits = compute_teacher_logits(self.teacher, loader, output_fn=self.output_fn, device=device)
             self.cache.save(logits, teacher_fingerprint=expect["teacher_fingerprint"], labels=labels)
             log.info("Distillation: cached teacher logits for %d examples at %s", logits.shape[0], path)
         strategy.barrier("distillation_cache")

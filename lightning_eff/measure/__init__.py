@@ -6,10 +6,11 @@ nothing above the floor (``errors``, ``validation``, ``batch``, ``atomic``). Lat
 harness (:mod:`lightning_eff.measure.timing`) that every report, callback and benchmark uses.
 
 Modules: ``counts`` (parameters, non-zeros, bytes, MACs), ``timing`` (latency, interleaved
-rounds, spread and the ``noisy`` flag), ``memory`` (peak memory), ``machine`` (CPU capability and
+rounds, spread and the ``noisy`` flag), ``memory`` (peak memory), ``activations`` (bytes saved for backward), ``machine`` (CPU capability and
 ISA flags), ``footprint`` (:func:`measure_footprint` and its table).
 """
 from lightning_eff.atomic import write_results
+from lightning_eff.measure.activations import SavedTensorCounter, saved_activation_bytes
 from lightning_eff.measure.counts import (
     count_macs,
     count_nonzero_parameters,
@@ -41,5 +42,5 @@ __all__ = [
     "state_dict_bytes", "weight_tensors", "format_table", "measure_footprint", "cpu_capability", "cpu_flags",
     "peak_memory_mb", "process_peak_rss_mb", "interleaved_min_ms", "interleaved_times", "measure_latencies",
     "measure_latency", "write_results", "DEFAULT_MAX_SPREAD", "TimingResult", "VariantTiming", "time_interleaved",
-    "time_models", "train_step_fn",
+    "time_models", "train_step_fn", "SavedTensorCounter", "saved_activation_bytes",
 ]

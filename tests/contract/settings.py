@@ -263,6 +263,12 @@ def _distillation_after_fit(cb: Any, module: L.LightningModule, trainer: L.Train
         assert torch.equal(cb.teacher.state_dict()[k], v), k
 
 
+def _checkpointing_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
+    assert cb.info is not None and cb.info.method == "wrapper" and cb.info.modules == ["conv", "bn", "conv2", "bn2"], cb.info
+    assert type(module.net.conv) is nn.Conv2d, "the network is restored when training ends"
+    assert int(module.net.bn.num_batches_tracked) == TOTAL_STEPS, "BatchNorm updated once per step, not twice"
+
+
 # ------------------------------------------------------------------ the table
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -405,6 +411,14 @@ ENTRIES: list[Entry] = [
         bad=({"kd_weight": 2.0}, "kd_weight"),
         after_fit=_distillation_after_fit,
         second={"teacher": {"_target_": "contract.settings.tiny_teacher_b"}, "kd_weight": 0.5, "task_weight": 0.5},
+    ),
+    Entry(
+        name="ActivationCheckpointing",
+        # UserNet is flat (no block list for "auto"): each conv and BN is its own region, so BN's state restore runs.
+        kwargs=dict(modules="auto", module_types=["Conv2d", "BatchNorm2d"], module_attr="net"),
+        bad=({"use_model_switch": "sometimes"}, "use_model_switch"),
+        after_fit=_checkpointing_after_fit,
+        second={"module_types": ["Linear"]},
     ),
 ]
 

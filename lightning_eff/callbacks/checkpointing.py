@@ -1,0 +1,129 @@
+"""``ActivationCheckpointing``: trade recomputation for activation memory in any LightningModule.
+
+Lightning offers activation checkpointing only inside FSDP/DeepSpeed (its request for a plain
+LightningModule, #1308, is open since 2020). This callback applies
+:func:`lightning_eff.training.checkpointing.apply_activation_checkpointing` to the network for
+training and removes it when training ends.
+
+When: at ``on_fit_start``, not ``setup``. Every other callback's surgery has run by then (QAT
+rewrites the network into an FX graph in its ``setup``, and the order of callbacks must not matter),
+and the checkpoint wrappers hold no parameters of their own, so the optimizer and DDP (already
+built) see the same parameters. At ``on_train_end`` the network is restored (QAT converts the graph
+at fit end; a later fit stage starts from the plain network). State-dict keys are the same with and
+without it, so checkpoints load either way.
+
+Example:
+    >>> import lightning as L
+    >>> from lightning_eff.callbacks import ActivationCheckpointing
+    >>> trainer = L.Trainer(callbacks=[ActivationCheckpointing(module_attr="net")], max_epochs=1)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+
+from lightning_eff.callbacks.base import EffCallback
+from lightning_eff.callbacks.common import DEFAULT_MODULE_ATTR
+from lightning_eff.errors import ConfigError
+from lightning_eff.surgery import ModuleSelector
+from lightning_eff.training.checkpointing import (
+    MODEL_SWITCH_CHOICES,
+    CheckpointingInfo,
+    apply_activation_checkpointing,
+    remove_activation_checkpointing,
+)
+from lightning_eff.validation import check_bool, check_choice
+
+__all__ = ["ActivationCheckpointing"]
+
+log = logging.getLogger(__name__)
+_OWN_CHECKPOINTING = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class ActivationCheckpointing(EffCallback):
+    """Checkpoint the network's blocks during training: activations of a block are recomputed in backward.
+
+    Args:
+        modules: ``"auto"`` (transformer layers, timm blocks/stages, the longest list of blocks) or
+            regexes over module names, e.g. ``["features\\\\.\\\\d+"]``.
+        module_types: class names to checkpoint (``["InvertedResidual"]``), alone or with ``modules``.
+        exclude: regexes of module names never checkpointed.
+        use_model_switch: ``"auto"``: a Hugging Face / timm model's own switch when it is safe
+            (no BatchNorm state); ``"always"``; ``"never"`` (always wrap blocks here).
+        segments: pieces an FX/pt2e graph (a QAT-prepared network) is cut into (default ``√nodes``).
+        preserve_rng_state: identical dropout in the recomputation (identical gradients).
+        reentrant: torch's older reentrant checkpoints (refused with DDP's ``find_unused_parameters``
+            and with BatchNorm/observer state); the default non-reentrant form has neither limit.
+        module_attr: attribute of the LightningModule holding the network (``None`` = the module itself).
+
+    Raises:
+        ConfigError: a bad option; at fit start, a combination that cannot work (a strategy with its
+            own activation checkpointing, reentrant checkpoints under DDP's ``find_unused_parameters``).
+    """
+
+    def __init__(
+        self,
+        modules: str | Sequence[str] = "auto",
+        module_types: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        use_model_switch: str = "auto",
+        segments: int | None = None,
+        preserve_rng_state: bool = True,
+        reentrant: bool = False,
+        module_attr: str | None = DEFAULT_MODULE_ATTR,
+    ) -> None:
+        super().__init__(module_attr)
+        if modules != "auto":
+            ModuleSelector(include=modules, exclude=exclude, types=module_types, option="modules")  # checks the patterns
+        elif exclude is not None:
+            ModuleSelector(exclude=exclude, option="modules")
+        # plain lists (Hydra gives ListConfig): state_key and the checkpoint see the same values either way
+        self.modules = modules if isinstance(modules, str) else list(modules)
+        self.module_types = module_types if module_types is None or isinstance(module_types, str) else list(module_types)
+        self.exclude = exclude if exclude is None or isinstance(exclude, str) else list(exclude)
+        self.use_model_switch = check_choice("use_model_switch", use_model_switch, MODEL_SWITCH_CHOICES)
+        if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 2):
+            raise ConfigError(f"segments={segments!r} must be an integer >= 2 (or None for the square root of the graph's nodes).")
+        self.segments = segments
+        self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
+        self.reentrant = check_bool("reentrant", reentrant)
+        self.info: CheckpointingInfo | None = None
+
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        return self.state_key_of(modules=self.modules, module_types=self.module_types, module_attr=self.module_attr)
+
+    def _check_strategy(self, trainer: L.Trainer) -> None:
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if name in _OWN_CHECKPOINTING:
+            raise ConfigError(f"ActivationCheckpointing: {name} checkpoints activations itself; use its "
+                              "activation_checkpointing_policy option instead of this callback.")
+        find_unused = bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False))
+        if self.reentrant and find_unused:
+            raise ConfigError("ActivationCheckpointing(reentrant=True) with DDP's find_unused_parameters=True: the "
+                              "reentrant form re-runs the forward inside backward, where DDP cannot mark parameters "
+                              "ready (torch raises 'Expected to mark a variable ready only once'); use reentrant=False.")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._check_strategy(trainer)
+        net = self.network(pl_module)
+        self.info = apply_activation_checkpointing(
+            net, modules=self.modules, module_types=self.module_types, exclude=self.exclude,
+            use_model_switch=self.use_model_switch, segments=self.segments,
+            preserve_rng_state=self.preserve_rng_state, reentrant=self.reentrant)
+        log.info("ActivationCheckpointing: %s %s", self.info.summary(), self.info.modules[:6])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        remove_activation_checkpointing(self.network(pl_module))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:  # noqa: D102
+        # a failed fit leaves the user's network as it was given
+        if self.info is not None:
+            remove_activation_checkpointing(self.network(pl_module))
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"version": 1}  # nothing to restore: the wrappers are re-applied at every fit start

@@ -8,6 +8,8 @@ or run a recipe: ``python train.py +recipe=mobilenet_qat``.
 """
 from lightning_eff.callbacks import (
     ActivationCheckpointing,
+    ChannelsLast,
+    Compile,
     Distillation,
     Export,
     FootprintMonitor,
@@ -53,6 +55,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCheckpointing",
     "CIFAR10DataModule",
+    "ChannelsLast",
+    "Compile",
     "ClassificationTask",
     "ConfigError",
     "DataNotFoundError",

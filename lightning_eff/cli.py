@@ -58,7 +58,8 @@ DEFAULT_OPTIMIZED_METRIC = "test/acc"
 TEACHER_KEYS = {"model", "checkpoint", "max_epochs", "lr", "optimizer", "scheduler", "warmup_fraction",
                 "weight_decay", "limit_train_batches"}
 FINETUNE_KEYS = {"max_epochs", "lr", "limit_train_batches", "callbacks", "scheduler", "warmup_fraction"}
-REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches", "sparsity_probe", "sparsity_probe_min"}
+REPORT_KEYS = {"batch_sizes", "latency", "memory", "repeats", "eval_batches", "sparsity_probe", "sparsity_probe_min",
+               "compile", "channels_last"}
 ARTIFACT_COLUMNS = ["engine", "bytes", "gzip_bytes", "latency_ms_b1", "top1_agreement", "max_abs_err", "sqnr_db", "verified", "error"]
 # Trainer arguments the CLI owns (it builds them from other config groups).
 _TRAINER_RESERVED = {"self", "callbacks", "logger"}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.batch import call_model, split_batch
+from lightning_eff.batch import call_model, resize_batch, split_batch
 from lightning_eff.compression.pruning.speed import (
     sparsity_latency,
     weight_zero_fraction,
@@ -32,8 +32,9 @@ from lightning_eff.compression.quantization.engines import (
     quantized_engine,
 )
 from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8
-from lightning_eff.measure import cpu_capability, cpu_flags, measure_footprint
+from lightning_eff.measure import cpu_capability, cpu_flags, measure_footprint, measure_latency
 from lightning_eff.protocols import offered_models
+from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["build_report", "evaluate_accuracy", "collect_deployables", "describe_model", "int8_speed"]
@@ -172,6 +173,8 @@ def build_report(
                     memory=bool(options.get("memory", True)), warmup=1 if fast else 3, repeats=repeats,
                 )
             )
+            if options.get("latency", True) and not is_int8_description(row["model"]):
+                row.update(_layout_latencies(name, model, example, batch_sizes, options, warmup=1 if fast else 3, repeats=repeats))
             if options.get("latency", True) and probe:
                 verdict = _sparsity_verdict(name, model, example, repeats, probe_min)
                 if verdict is not None:
@@ -185,6 +188,39 @@ def build_report(
             artifacts.extend(fn())
     speed = int8_speed(rows, artifacts)
     return {"rows": rows, "artifacts": artifacts, "sparsity": sparsity_verdicts, "int8_speed": speed, "cpu": cpu_flags()}
+
+
+def _layout_latencies(name: str, model: nn.Module, example: Any, batch_sizes: Sequence[int], options: Mapping[str, Any],
+                      warmup: int, repeats: int) -> dict[str, Any]:
+    """``report.compile`` / ``report.channels_last``: the float variant's latency compiled / NHWC.
+
+    ``report.compile``: ``true`` (inductor) or a backend name; ``report.channels_last``: ``true``.
+
+    Measured on copies beside the eager row (``latency_ms_b<N>_compiled``, ``latency_ms_b<N>_channels_last``),
+    so the report shows what each switch buys on this CPU. Compiling takes tens of seconds per variant on a
+    CPU (the first call); a failure is logged and leaves the cell empty.
+    """
+    from lightning_eff.training.layout import ChannelsLastInput, compile_network
+
+    backend = options.get("compile", False)
+    if backend is True:
+        backend = "inductor"
+    elif backend is not False and not isinstance(backend, str):
+        raise ConfigError(f"report.compile={backend!r} must be true, false or a torch.compile backend name.")
+    wanted = {"compiled": bool(backend), "channels_last": check_bool("report.channels_last", options.get("channels_last", False))}
+    out: dict[str, Any] = {}
+    for kind, on in wanted.items():
+        if not on or not isinstance(model, nn.Module):
+            continue
+        try:
+            variant = copy.deepcopy(model).eval()
+            variant = compile_network(variant, backend=backend) if kind == "compiled" else ChannelsLastInput(variant)
+            for batch in map(int, batch_sizes):
+                out[f"latency_ms_b{batch}_{kind}"] = measure_latency(variant, resize_batch(example, batch),
+                                                                     warmup=max(warmup, 2), repeats=repeats)
+        except Exception as err:  # one switch failing on one variant never costs the report
+            log.warning("report.%s latency of %s failed: %s", "compile" if kind == "compiled" else kind, name, err)
+    return out
 
 
 def _sparsity_verdict(name: str, model: Any, example: Any, repeats: int, min_zeros: float) -> tuple[dict[str, Any], str] | None:

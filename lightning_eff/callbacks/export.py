@@ -180,6 +180,11 @@ class Export(EffCallback):
         min_sqnr_db: an int8 artifact whose outputs reach a lower SQNR against the model it came
             from (``10·log10(Σref²/Σerr²)``, quantization error included) fails verification.
         min_sqnr_db_float: the same floor for float artifacts (only the runtime's rounding differs).
+        freeze: ``.pt`` files are frozen TorchScript (``torch.jit.freeze``: BatchNorm folded, weights
+            constant; faster on CPU, inference only).
+        channels_last: ``.pt`` files of float variants run NHWC inside the graph (callers keep passing
+            NCHW); int8 variants and the other formats keep their runtime's own layout (XNNPACK and the
+            int8 kernels pick theirs).
 
     An artifact that fails verification (or whose verification raised) is never left looking like a
     good one: the file is renamed ``<variant>.unverified.<fmt>`` and its entry says
@@ -206,6 +211,8 @@ class Export(EffCallback):
         strict: bool = False,
         min_sqnr_db: float = 10.0,
         min_sqnr_db_float: float = 30.0,
+        freeze: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(module_attr)
         formats = ["pt", "ptl", "pte"] if formats is None else as_list("formats", formats, item=str)
@@ -224,6 +231,8 @@ class Export(EffCallback):
         self.strict = check_bool("strict", strict)
         self.min_sqnr_db = float(check_number("min_sqnr_db", min_sqnr_db))
         self.min_sqnr_db_float = float(check_number("min_sqnr_db_float", min_sqnr_db_float))
+        self.freeze = check_bool("freeze", freeze)
+        self.channels_last = check_bool("channels_last", channels_last)
         self._artifacts: list[dict[str, Any]] = []
 
     @property
@@ -333,7 +342,8 @@ class Export(EffCallback):
             # A submodule gets captured argument tuples and is scripted (its loops must not unroll).
             method = "script" if _is_int8(model) or self.submodule else "trace"
             args = example if isinstance(example, tuple) else (example,)
-            exporter.write(model, args, path, method=method, int8=int8, calibration=calibration)
+            layout = {"freeze": self.freeze, "channels_last": self.channels_last and not _is_int8(model)} if fmt == "pt" else {}
+            exporter.write(model, args, path, method=method, int8=int8, calibration=calibration, **layout)
             entry.update(path=str(path), bytes=file_bytes(path), gzip_bytes=gzip_size(path))
             artifact = ex.load_artifact(path)
             if self.verify:

@@ -269,6 +269,15 @@ def _checkpointing_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trai
     assert int(module.net.bn.num_batches_tracked) == TOTAL_STEPS, "BatchNorm updated once per step, not twice"
 
 
+def _compile_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
+    assert cb._compiled is None and getattr(module.net, "_compiled_call_impl", None) is None, "un-compiled after training"
+
+
+def _channels_last_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
+    assert module.net.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not cb._handles, "the input hook is removed at teardown"
+
+
 # ------------------------------------------------------------------ the table
 @dataclasses.dataclass(frozen=True)
 class Entry:
@@ -419,6 +428,28 @@ ENTRIES: list[Entry] = [
         bad=({"use_model_switch": "sometimes"}, "use_model_switch"),
         after_fit=_checkpointing_after_fit,
         second={"module_types": ["Linear"]},
+    ),
+    Entry(
+        name="Compile",
+        kwargs=dict(backend="eager", module_attr="net"),  # inductor compiles for minutes on CPU; eager runs dynamo only
+        bad=({"backend": "inductorr"}, "backend"),
+        after_fit=_compile_after_fit,
+        second=None,
+        second_reason="compiling a network twice is meaningless: the second Compile is refused",
+        refused_second={"backend": "aot_eager"},
+        refused_match="already compiled",
+    ),
+    Entry(
+        name="ChannelsLast",
+        kwargs=dict(module_attr="net"),
+        bad=({"inputs": "yes"}, "inputs"),
+        after_fit=_channels_last_after_fit,
+        second=None,
+        second_reason="one network has one memory layout: a second ChannelsLast is refused",
+        refused_second={"inputs": False},
+        refused_match="already converted",
+        # NHWC convolutions sum in another order than NCHW ones: the resumed run (converted again at its start)
+        # and the uninterrupted one use the same kernels, so they still agree exactly.
     ),
 ]
 

@@ -206,3 +206,33 @@ def test_callback_with_qat_in_either_order(tmp_path, order):
     assert "forward" not in module.net.__dict__
     int8 = qat.deployable_models()["qat_int8_x86"]
     assert int8(torch.randn(2, 1, 12, 12)).shape == (2, 10)
+
+
+def test_memory_budget_checkpoints_fewer_blocks_and_meets_the_budget():
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv2_050", num_classes=10, in_chans=1).train()
+    x = torch.randn(8, 1, 64, 64)
+    plain, every = copy.deepcopy(net), copy.deepcopy(net)
+    apply_activation_checkpointing(every)
+    info = apply_activation_checkpointing(net, memory_budget=0.5, example_inputs=x)
+    assert info.profile is not None and set(info.modules) <= set(info.profile["blocks"])
+    assert 0 < len(info.modules) < len(info.profile["blocks"])  # finer candidates, only some of them
+    bn = [m.num_batches_tracked.clone() for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(int(b) == 0 for b in bn), "profiling left BatchNorm state untouched"
+    base = saved_activation_bytes(plain, x)["saved_bytes"]
+    ratio = saved_activation_bytes(net, x)["saved_bytes"] / base
+    assert ratio <= 0.5, ratio
+    assert ratio > saved_activation_bytes(every, x)["saved_bytes"] / base  # less saved than every block: less recompute
+    _assert_same_step(plain, net, x)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        apply_activation_checkpointing(copy.deepcopy(plain), memory_budget=1.5, example_inputs=x)
+    with pytest.raises(ConfigError, match="needs example_inputs"):
+        apply_activation_checkpointing(copy.deepcopy(plain), memory_budget=0.5)
+
+
+def test_callback_memory_budget_profiles_on_real_examples(tmp_path):
+    ac = ActivationCheckpointing(memory_budget=0.6, module_attr="net")
+    _fit(tmp_path, [ac])
+    assert ac.info.profile is not None and ac.info.modules

@@ -62,6 +62,9 @@ __all__ = [
     "MODEL_SWITCH_CHOICES",
     "apply_activation_checkpointing",
     "auto_blocks",
+    "check_memory_budget",
+    "choose_blocks",
+    "profile_blocks",
     "is_recomputing",
     "remove_activation_checkpointing",
 ]
@@ -70,6 +73,16 @@ MODEL_SWITCH_CHOICES = ("auto", "always", "never")
 _SPLIT_ATTR = "_lightning_eff_ckpt_split"
 _INFO_ATTR = "_lightning_eff_ckpt_info"
 _STATEFUL_TYPES = ("_BatchNorm", "_InstanceNorm", "ObserverBase", "FakeQuantizeBase")
+
+
+def check_memory_budget(memory_budget: Any) -> float | None:
+    """``None`` or a fraction in (0, 1]; else a :class:`~lightning_eff.errors.ConfigError`."""
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not 0 < memory_budget <= 1:
+        raise ConfigError(f"memory_budget={memory_budget!r} must be a fraction in (0, 1] (the share of saved activations "
+                          "to keep) or None (checkpoint every selected block).")
+    return float(memory_budget)
 
 
 def is_recomputing() -> bool:
@@ -92,6 +105,7 @@ class CheckpointingInfo:
     method: str
     modules: list[str]
     segments: int = 0
+    profile: dict[str, Any] | None = None  #: :func:`profile_blocks` when a ``memory_budget`` chose the blocks
 
     def summary(self) -> str:  # noqa: D102
         what = f"{self.segments} graph segments" if self.segments else f"{len(self.modules)} modules"
@@ -249,6 +263,107 @@ def _segment_graph(gm: torch.fx.GraphModule, segments: int | None, preserve_rng_
     return sum(1 for n, _ in split.named_children() if n.startswith("submod_"))
 
 
+def _tensor_bytes(values: Any) -> int:
+    if isinstance(values, torch.Tensor):
+        return values.numel() * values.element_size()
+    if isinstance(values, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in values)
+    if isinstance(values, dict):
+        return sum(_tensor_bytes(v) for v in values.values())
+    return 0
+
+
+def _finer(net: nn.Module, names: Sequence[str]) -> list[str]:
+    """Each block replaced by its composite children (one level down) when it has two or more.
+
+    A budget is met with less recomputation when the candidates are finer: a transformer layer becomes
+    its attention / feed-forward parts (the feed-forward intermediate is most of the memory and little of
+    the time), a CNN stage its blocks.
+    """
+    out: list[str] = []
+    for name in names:
+        children = [f"{name}.{c}" for c, m in get_submodule(net, name, option="modules").named_children() if _composite(m)]
+        out.extend(children if len(children) >= 2 else [name])
+    return out
+
+
+def profile_blocks(net: nn.Module, names: Sequence[str], example_inputs: Any, repeats: int = 3) -> dict[str, Any]:
+    """Per block: bytes it saves for backward, bytes of its inputs (what a checkpoint keeps), forward time.
+
+    Runs ``repeats`` training-mode forwards of ``net`` on ``example_inputs`` with a
+    :class:`~lightning_eff.measure.SavedTensorCounter` around each block; buffers (BatchNorm statistics)
+    and the RNG are restored afterwards, so profiling leaves no trace.
+
+    Returns:
+        ``{"blocks": {name: {"saved": bytes, "inputs": bytes, "ms": min forward ms}}, "total_saved": bytes}``.
+    """
+    import time
+
+    from lightning_eff.batch import call_with_inputs
+    from lightning_eff.measure import SavedTensorCounter
+
+    stats: dict[str, dict[str, float]] = {n: {"saved": 0.0, "inputs": 0.0, "ms": float("inf")} for n in names}
+    counters: dict[str, tuple[SavedTensorCounter, float]] = {}
+    handles = []
+    for name in names:
+        module = get_submodule(net, name, option="modules")
+
+        def pre(mod, args, kwargs, name=name):
+            stats[name]["inputs"] = float(_tensor_bytes(args) + _tensor_bytes(kwargs))
+            counter = SavedTensorCounter(exclude=mod).__enter__()
+            counters[name] = (counter, time.perf_counter())
+
+        def post(mod, args, kwargs, output, name=name):
+            counter, start = counters.pop(name)
+            counter.__exit__(None, None, None)
+            stats[name]["ms"] = min(stats[name]["ms"], 1e3 * (time.perf_counter() - start))
+            stats[name]["saved"] = float(counter.saved_bytes)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    buffers = [b.detach().clone() for b in net.buffers()]
+    rng = torch.get_rng_state()
+    was_training = net.training
+    outside = 0
+    try:
+        net.train()
+        with torch.enable_grad():
+            for _ in range(repeats):
+                outer = SavedTensorCounter(exclude=net)
+                with outer:
+                    call_with_inputs(net, example_inputs)
+                outside = outer.saved_bytes
+    finally:
+        for h in handles:
+            h.remove()
+        _load(list(net.buffers()), buffers)
+        torch.set_rng_state(rng)
+        net.train(was_training)
+    total = outside + sum(v["saved"] for v in stats.values())
+    return {"blocks": stats, "total_saved": float(total)}
+
+
+def choose_blocks(profile: dict[str, Any], memory_budget: float) -> list[str]:
+    """The blocks to checkpoint so the estimated saved activations fall to ``memory_budget`` of the total.
+
+    Greedy by memory freed per millisecond of recomputation (what a block saves minus the inputs a
+    checkpoint keeps, over its forward time): early, high-resolution blocks of a CNN first, compute-heavy
+    late blocks last. Stops as soon as the estimate is within budget; all blocks if it never is.
+    """
+    blocks = profile["blocks"]
+    estimate = profile["total_saved"]
+    target = memory_budget * profile["total_saved"]
+    gain = {n: b["saved"] - b["inputs"] for n, b in blocks.items()}
+    order = sorted((n for n in blocks if gain[n] > 0), key=lambda n: gain[n] / max(blocks[n]["ms"], 1e-6), reverse=True)
+    chosen: list[str] = []
+    for name in order:
+        if estimate <= target:
+            break
+        chosen.append(name)
+        estimate -= gain[name]
+    return [n for n in blocks if n in chosen]  # in network order
+
+
 def apply_activation_checkpointing(
     net: nn.Module,
     modules: str | Sequence[str] | None = "auto",
@@ -258,6 +373,8 @@ def apply_activation_checkpointing(
     segments: int | None = None,
     preserve_rng_state: bool = True,
     reentrant: bool = False,
+    memory_budget: float | None = None,
+    example_inputs: Any = None,
 ) -> CheckpointingInfo:
     """Checkpoint the selected blocks of ``net`` in place (non-reentrant ``torch.utils.checkpoint``).
 
@@ -274,6 +391,11 @@ def apply_activation_checkpointing(
         reentrant: torch's older reentrant checkpoint (block wrappers only). It cannot restore buffers
             around the recomputation, so it is refused for networks with BatchNorm/observer state, and
             it gives no gradients to a region whose inputs do not require grad. Prefer the default.
+        memory_budget: checkpoint only as many blocks as it takes to bring the activations saved for
+            backward to this fraction of the unwrapped network's (:func:`profile_blocks` on
+            ``example_inputs``, :func:`choose_blocks`): less recomputation than checkpointing every block.
+            ``None`` checkpoints every selected block.
+        example_inputs: a training batch's inputs (needed with ``memory_budget``).
 
     Returns:
         :class:`CheckpointingInfo` (what was checkpointed, and how).
@@ -284,6 +406,9 @@ def apply_activation_checkpointing(
     check_choice("use_model_switch", use_model_switch, MODEL_SWITCH_CHOICES)
     check_bool("preserve_rng_state", preserve_rng_state)
     check_bool("reentrant", reentrant)
+    check_memory_budget(memory_budget)
+    if memory_budget is not None and example_inputs is None:
+        raise ConfigError("memory_budget needs example_inputs (a training batch's inputs) to profile the blocks.")
     if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 2):
         raise ConfigError(f"segments={segments!r} must be an integer >= 2 (or None for the square root of the graph's nodes).")
     auto = modules == "auto" and module_types is None
@@ -298,6 +423,8 @@ def apply_activation_checkpointing(
         raise ConfigError(f"use_model_switch='always': {type(net).__name__} has no checkpointing switch of its own "
                           "(Hugging Face activation_checkpointing_enable / timm set_grad_checkpointing); use 'auto'.")
     stateful = any(_is_stateful(m) for m in net.modules())
+    if use_model_switch == "always" and memory_budget is not None:
+        raise ConfigError("use_model_switch='always' cannot follow a memory_budget (a model's switch checkpoints every layer).")
     if use_model_switch == "always" and stateful:
         raise ConfigError(f"use_model_switch='always': {type(owner).__name__}'s own checkpointing would update its "
                           "BatchNorm/observer state twice per step; use 'auto' (blocks wrapped here, state updated once).")
@@ -306,7 +433,8 @@ def apply_activation_checkpointing(
                           "update twice per step); use reentrant=False (the default).")
     if reentrant and (use_model_switch == "always" or isinstance(net, torch.fx.GraphModule)):
         raise ConfigError("reentrant=True applies to block wrappers only (not to a model's own switch or an FX graph).")
-    if auto and kind is not None and not reentrant and (use_model_switch == "always" or (use_model_switch == "auto" and not stateful)):
+    own_switch = use_model_switch == "always" or (use_model_switch == "auto" and not stateful and memory_budget is None)
+    if auto and kind is not None and not reentrant and own_switch:  # a switch cannot pick blocks for a budget
         _enable_switch(owner, kind, preserve_rng_state)
         owner_name = next(n for n, m in net.named_modules() if m is owner)
         info = CheckpointingInfo(method=kind, modules=[canonical_name(owner_name)])
@@ -322,11 +450,16 @@ def apply_activation_checkpointing(
         excluded = ModuleSelector(exclude=exclude, option="modules")  # a module excluded: its submodules too
         names = _outermost([n for n in names
                             if all(excluded.name_selected(".".join(n.split(".")[:i])) for i in range(1, n.count(".") + 2))])
+        profile = None
+        if memory_budget is not None and names:
+            names = _finer(net, names)
+            profile = profile_blocks(net, names, example_inputs)
+            names = choose_blocks(profile, memory_budget)
         for name in names:
             module = get_submodule(net, name, option="modules")
             if not _is_wrapped(module):
                 set_submodule(net, name, _wrap(module, preserve_rng_state, reentrant), option="modules")
-        info = CheckpointingInfo(method="wrapper", modules=names)
+        info = CheckpointingInfo(method="wrapper", modules=names, profile=profile)
     if not info.modules:
         warnings.warn(f"activation checkpointing: nothing selected in {type(net).__name__} (modules={modules or 'auto'!r}, "
                       f"module_types={module_types!r}); no block list was found — name the blocks with modules=[regex] "

@@ -1,0 +1,265 @@
+"""Training efficiency, side by side: ``python -m lightning_eff.bench training_efficiency [--quick]``.
+
+What each switch of issue 16 buys on this CPU, every figure a ratio to its own baseline measured in
+the same process by the one interleaved timer (:func:`lightning_eff.measure.time_interleaved`):
+
+- **activation checkpointing** (:func:`~lightning_eff.training.checkpointing.apply_activation_checkpointing`,
+  ``auto`` blocks chosen for ``memory_budget=0.45``; every block beside it in the JSON) on MobileNetV2 at Fashion-MNIST size (32 px, batch 128, the recipe's model), MobileNetV2 at
+  224x224 (batch 8) and the BERT student (2 layers x 256, 64 tokens, batch 32): bytes saved for backward
+  (:func:`~lightning_eff.measure.saved_activation_bytes`) and training-step time, each vs the same net without;
+- **bf16-mixed** vs fp32: step time (``torch.autocast("cpu", bfloat16)``, what Lightning's ``bf16-mixed`` runs)
+  and the loss difference after the same steps on real Fashion-MNIST batches from the same initialisation;
+- **DDP**: 2 CPU processes (gloo, 1 thread each) vs 1 process (2 threads) at equal global batch, through
+  Lightning's ``ddp_spawn``: training throughput (steps after the first two) and the final loss on a fixed batch;
+- **torch.compile** (inductor) vs eager training step, **channels-last** vs NCHW inference at 224x224 batch 1,
+  and **frozen TorchScript** (``torch.jit.freeze``) vs traced TorchScript at 224x224 batch 1.
+
+Final line: ``RESULT ckpt_activation_ratio=<r> ckpt_step_time_ratio=<r> bf16_step_time_ratio=<r>
+bf16_loss_diff=<x> ddp2_throughput_ratio=<r> compile_step_time_ratio=<r> channels_last_latency_ratio=<r>
+frozen_ts_latency_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
+The CPU capability (``AVX2``/``AVX512``, AMX) is in the JSON: bf16 only pays where the CPU has bf16 units.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_eff.bench.common import Timings, bench_parser, set_threads, write_bench
+from lightning_eff.measure import cpu_capability, format_table, saved_activation_bytes, train_step_fn
+from lightning_eff.training.checkpointing import apply_activation_checkpointing
+from lightning_eff.training.layout import ChannelsLastInput, compile_network
+
+log = logging.getLogger(__name__)
+#: The ``memory_budget`` the headline checkpointing figures use (the share of saved activations to keep):
+#: below the 0.5 target with a margin for the estimate, and far fewer recomputed blocks than "every block".
+MEMORY_BUDGET = 0.45
+
+
+def _models(quick: bool) -> dict[str, tuple[nn.Module, Any, torch.Tensor]]:
+    """``{name: (network, inputs, targets)}``: the three networks the checkpointing rows measure."""
+    from lightning_eff.models import create_model
+
+    torch.manual_seed(0)
+    out: dict[str, tuple[nn.Module, Any, torch.Tensor]] = {}
+    b = 64 if quick else 128
+    out["mobilenetv2_fmnist"] = (create_model("mobilenetv2", width=0.5, num_classes=10, in_chans=1, small_input_stages=1),
+                                 torch.randn(b, 1, 32, 32), torch.randint(0, 10, (b,)))
+    b = 4 if quick else 8
+    out["mobilenetv2_224"] = (create_model("mobilenetv2", width=1.0, num_classes=10, in_chans=3, small_input_stages=0),
+                              torch.randn(b, 3, 224, 224), torch.randint(0, 10, (b,)))
+    b, t = (16, 64) if quick else (32, 64)
+    out["bert_student"] = (create_model("bert_student", num_classes=26, vocab_size=8000, num_layers=2, hidden=256, heads=4,
+                                        max_length=t),
+                           {"input_ids": torch.randint(5, 8000, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long)},
+                           torch.randint(0, 26, (b,)))
+    return out
+
+
+def _checkpointing(timer: Timings, quick: bool, threads: int) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    rounds, repeats = (3, 2) if quick else (5, 3)
+    for name, (net, inputs, targets) in _models(quick).items():
+        plain, every, budget = copy.deepcopy(net).train(), copy.deepcopy(net).train(), copy.deepcopy(net).train()
+        info_all = apply_activation_checkpointing(every)
+        info = apply_activation_checkpointing(budget, memory_budget=MEMORY_BUDGET, example_inputs=inputs)
+        before = saved_activation_bytes(plain, inputs)
+        after_all, after = saved_activation_bytes(every, inputs), saved_activation_bytes(budget, inputs)
+        timing = timer.time(f"ckpt_{name}", {"plain": train_step_fn(plain, inputs, targets),
+                                             "every_block": train_step_fn(every, inputs, targets),
+                                             "budget": train_step_fn(budget, inputs, targets)},
+                            rounds=rounds, repeats=repeats, warmup=1, threads=threads)
+        rows[name] = {"blocks": f"{len(info.modules)}/{len(info_all.modules) if info_all.method == 'wrapper' else 'all'}",
+                      "saved_mib": before["saved_mib"], "activation_ratio": after["saved_bytes"] / before["saved_bytes"],
+                      "step_time_ratio": timer.ratio(f"ckpt_step_time_ratio_{name}", f"ckpt_{name}", "budget", "plain"),
+                      "every_block_method": info_all.method,
+                      "every_block_activation_ratio": after_all["saved_bytes"] / before["saved_bytes"],
+                      "every_block_step_time_ratio": timer.ratio(f"ckpt_every_step_time_ratio_{name}", f"ckpt_{name}",
+                                                                 "every_block", "plain"),
+                      "step_ms": timing["plain"].min_ms}
+    return rows
+
+
+def _bf16(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
+    """Step time, and the loss after the same real batches from the same start, fp32 vs bf16 autocast."""
+    from lightning_eff.data import FashionMNISTDataModule
+    from lightning_eff.models import create_model
+
+    steps = 20 if quick else 60
+    dm = FashionMNISTDataModule(batch_size=64, resize=32, limit_train=64 * steps, limit_val=64, limit_test=64)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())[:steps]
+    torch.manual_seed(0)
+    init = create_model("mobilenetv2", width=0.5, num_classes=10, in_chans=1, small_input_stages=1)
+
+    def train(autocast: bool) -> list[float]:
+        net = copy.deepcopy(init).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        losses = []
+        for x, y in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                loss = nn.functional.cross_entropy(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        return losses
+
+    fp32, bf16 = train(False), train(True)
+    tail = max(1, steps // 4)
+    x, y = batches[0]
+    f_step = train_step_fn(copy.deepcopy(init), x, y)
+    b_net = copy.deepcopy(init)
+    b_inner = train_step_fn(b_net, x, y, loss_fn=lambda out, t: nn.functional.cross_entropy(out.float(), t))
+
+    def b_step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return b_inner()
+
+    timer.time("bf16", {"fp32": f_step, "bf16_mixed": b_step}, rounds=3 if quick else 5, repeats=3, warmup=2, threads=threads)
+    return {"steps": steps, "fp32_loss_tail": sum(fp32[-tail:]) / tail, "bf16_loss_tail": sum(bf16[-tail:]) / tail,
+            "loss_diff": abs(sum(fp32[-tail:]) - sum(bf16[-tail:])) / tail,
+            "step_time_ratio": timer.ratio("bf16_step_time_ratio", "bf16", "bf16_mixed", "fp32")}
+
+
+class _Clock(L.Callback):
+    """Rank 0 writes the time of the steps after ``skip`` and the final loss on a fixed batch to ``path``."""
+
+    def __init__(self, path: str, skip: int, probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.path, self.skip, self.probe = path, skip, probe
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if trainer.global_step == self.skip:
+            self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        elapsed = time.perf_counter() - (self._start or time.perf_counter())
+        if trainer.is_global_zero:
+            with torch.no_grad():
+                was = pl_module.training
+                pl_module.eval()
+                loss = float(nn.functional.cross_entropy(pl_module.model(self.probe[0]), self.probe[1]))
+                pl_module.train(was)
+            Path(self.path).write_text(json.dumps({"elapsed_s": elapsed, "steps": trainer.global_step - self.skip,
+                                                   "final_loss": loss, "world_size": trainer.world_size}))
+
+
+def _ddp_run(devices: int, global_batch: int, steps: int, root: Path) -> dict[str, Any]:
+    from lightning_eff.data import FashionMNISTDataModule
+    from lightning_eff.models import create_model
+    from lightning_eff.tasks import ClassificationTask
+
+    L.seed_everything(0, verbose=False)
+    def data() -> FashionMNISTDataModule:
+        return FashionMNISTDataModule(batch_size=global_batch // devices, resize=32, limit_train=global_batch * steps,
+                                      limit_val=64, limit_test=64)
+
+    probe = data()  # the spawned ranks get a datamodule not yet set up (a loaded one holds unpicklable transforms)
+    probe.setup("fit")
+    probe_x, probe_y = next(iter(probe.val_dataloader()))
+    dm = data()
+    task = ClassificationTask(create_model("mobilenetv2", width=0.5, num_classes=10, in_chans=1, small_input_stages=1),
+                              num_classes=10, lr=0.05, scheduler="cosine")
+    path = root / f"ddp{devices}.json"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[_Clock(str(path), 2, (probe_x, probe_y))], default_root_dir=str(root))
+    threads = torch.get_num_threads()
+    if devices > 1:
+        torch.set_num_threads(1)  # each rank one core: the two-process run uses the same two cores as the baseline
+    try:
+        trainer.fit(task, datamodule=dm)
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(path.read_text())
+    out["throughput"] = out["steps"] * global_batch / out["elapsed_s"]
+    return out
+
+
+def _ddp(quick: bool) -> dict[str, Any]:
+    steps = 8 if quick else 30
+    root = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
+    torch.set_num_threads(2)
+    one = _ddp_run(1, 128, steps, root)
+    two = _ddp_run(2, 128, steps, root)
+    return {"steps": steps, "global_batch": 128, "one_process": one, "two_processes": two,
+            "throughput_ratio": two["throughput"] / one["throughput"],
+            "final_loss_diff": abs(two["final_loss"] - one["final_loss"])}
+
+
+def _compile_and_layout(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
+    from lightning_eff.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("mobilenetv2", width=0.5, num_classes=10, in_chans=1, small_input_stages=1)
+    b = 32 if quick else 128
+    x, y = torch.randn(b, 1, 32, 32), torch.randint(0, 10, (b,))
+    eager, compiled = copy.deepcopy(net), compile_network(copy.deepcopy(net), backend="inductor")
+    start = time.perf_counter()
+    compiled_step = train_step_fn(compiled, x, y)
+    compiled_step()  # the first call compiles forward and backward
+    compile_s = time.perf_counter() - start
+    timer.time("compile_step", {"eager": train_step_fn(eager, x, y), "compiled": compiled_step},
+               rounds=3 if quick else 5, repeats=3, warmup=1, threads=threads)
+
+    big = create_model("mobilenetv2", width=1.0, num_classes=10, in_chans=3, small_input_stages=0).eval()
+    x224 = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        traced = torch.jit.trace(copy.deepcopy(big), x224)
+        frozen = torch.jit.freeze(torch.jit.trace(copy.deepcopy(big), x224).eval())
+        frozen_cl = torch.jit.freeze(torch.jit.trace(ChannelsLastInput(copy.deepcopy(big)).eval(), x224).eval())
+    models = {"nchw": big, "channels_last": ChannelsLastInput(copy.deepcopy(big)).eval(), "ts_traced": traced,
+              "ts_frozen": frozen, "ts_frozen_channels_last": frozen_cl}
+    rounds, repeats = (4, 3) if quick else (8, 5)
+    timer.time_models("infer_224_b1", models, x224, rounds=rounds, repeats=repeats, warmup=3, threads=threads)
+    return {"compile_first_step_s": compile_s,
+            "compile_step_time_ratio": timer.ratio("compile_step_time_ratio", "compile_step", "compiled", "eager"),
+            "channels_last_latency_ratio": timer.ratio("channels_last_latency_ratio", "infer_224_b1", "channels_last", "nchw"),
+            "frozen_ts_latency_ratio": timer.ratio("frozen_ts_latency_ratio", "infer_224_b1", "ts_frozen", "ts_traced"),
+            "frozen_cl_ts_latency_ratio": timer.ratio("frozen_cl_ts_latency_ratio", "infer_224_b1", "ts_frozen_channels_last",
+                                                      "ts_traced")}
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    parser = bench_parser("training_efficiency", __doc__.splitlines()[0])
+    parser.set_defaults(threads=1)  # stable figures on a shared 2-core machine (the DDP part sets its own)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ckpt", "bf16", "ddp", "compile"],
+                        help="parts to leave out (their RESULT keys read none)")
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+    timer = Timings()
+    payload: dict[str, Any] = {"quick": args.quick, "cpu_capability": cpu_capability()}
+    t0 = time.perf_counter()
+    ckpt = _checkpointing(timer, args.quick, threads) if "ckpt" not in args.skip else {}
+    bf16 = _bf16(timer, args.quick, threads) if "bf16" not in args.skip else {}
+    ddp = _ddp(args.quick) if "ddp" not in args.skip else {}
+    set_threads(threads)
+    layout = _compile_and_layout(timer, args.quick, threads) if "compile" not in args.skip else {}
+    payload.update(checkpointing=ckpt, bf16=bf16, ddp=ddp, compile_and_layout=layout, wall_s=time.perf_counter() - t0)
+    if ckpt:
+        print(format_table(ckpt))
+    worst = max(ckpt.values(), key=lambda r: r["activation_ratio"]) if ckpt else {}
+    slowest = max(ckpt.values(), key=lambda r: r["step_time_ratio"]) if ckpt else {}
+    result = {
+        "ckpt_activation_ratio": worst.get("activation_ratio"),
+        "ckpt_step_time_ratio": slowest.get("step_time_ratio"),
+        "bf16_step_time_ratio": bf16.get("step_time_ratio"),
+        "bf16_loss_diff": bf16.get("loss_diff"),
+        "ddp2_throughput_ratio": ddp.get("throughput_ratio"),
+        "compile_step_time_ratio": layout.get("compile_step_time_ratio"),
+        "channels_last_latency_ratio": layout.get("channels_last_latency_ratio"),
+        "frozen_ts_latency_ratio": layout.get("frozen_ts_latency_ratio"),
+    }
+    write_bench("training_efficiency", payload, result, args.out, timings=timer)
+    return result

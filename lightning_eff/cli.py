@@ -22,6 +22,7 @@ import copy
 import importlib
 import inspect
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_eff.atomic import AtomicCheckpointIO, write_results
+from lightning_eff.callbacks.progress import ProgressLog, format_seconds
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.measure import format_table
 from lightning_eff.models import list_models, model_signature
@@ -51,7 +53,7 @@ RECIPE_DIR = REPO_ROOT / "recipes"
 
 TOP_LEVEL_KEYS = {
     "name", "seed", "data", "model", "task", "trainer", "callbacks", "finetune", "run_dir",
-    "test_after_fit", "print_report", "ckpt_path", "report", "teacher", "stages", "optimized_metric",
+    "test_after_fit", "print_report", "ckpt_path", "report", "teacher", "stages", "optimized_metric", "progress",
 }
 DEFAULT_OPTIMIZED_METRIC = "test/acc"
 # A teacher stage (distillation recipes): train or load the teacher, then hand it to Distillation.
@@ -317,6 +319,9 @@ def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) 
 
         logger = CSVLogger(save_dir=str(run_dir), name="", version="")
     trainer_cfg.setdefault("default_root_dir", str(run_dir))
+    if trainer_cfg.get("enable_progress_bar", True) and not sys.stderr.isatty():
+        # a redrawn bar in a file or CI log is thousands of fragments; ProgressLog writes the lines instead
+        trainer_cfg["enable_progress_bar"] = False
     try:
         return L.Trainer(**trainer_cfg, callbacks=callbacks, logger=logger, plugins=plugins)
     except (ValueError, TypeError) as err:
@@ -338,6 +343,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     """
     validate_config(cfg)
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+    run_started = time.perf_counter()
+    progress = check_bool("progress", c.get("progress", True))
     precision = _resolve_run_precision(c)
     plan = plan_stages(c)
     optimized = check_optimized_metric(c)
@@ -393,11 +400,19 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
             callbacks += _callbacks(stage.callbacks, f"stages.{stage.name}.callbacks", teacher=teacher)
             if last:
                 callbacks += list(extra_callbacks)
+            if progress:
+                callbacks.insert(0, ProgressLog(stage=stage.name))
             trainer_cfg = {**dict(c.get("trainer") or {}), **stage.trainer}
             if "teacher" in stage.hands_over:
                 trainer_cfg["enable_checkpointing"] = False  # its checkpoint is written below, atomically
             trainer = _trainer(trainer_cfg, callbacks, stage_dir, multirun)
+            started = time.perf_counter()
+            if progress:
+                log.info("stage %s (%d/%d) started: precision %s", stage.name, index + 1, len(plan), trainer.precision)
             trainer.fit(task, datamodule=datamodule, ckpt_path=c.get("ckpt_path") if stage.main else None)
+            if progress:
+                log.info("stage %s done in %s (training and end-of-fit work; %s since the run started)", stage.name,
+                         format_seconds(time.perf_counter() - started), format_seconds(time.perf_counter() - run_started))
             executed.append((stage, trainer, callbacks))
             network, path = task.model, None
             if stage.hands_over:
@@ -419,8 +434,14 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     if optimized not in metrics:  # a task without LOGGED_METRICS: told now, and the trained model is still reported
         warnings.warn(f"optimized_metric={optimized!r} was not logged by this run (objective = None); logged: {sorted(metrics)}.",
                       stacklevel=2)
+    report_started = time.perf_counter()
+    if progress:
+        log.info("report: measuring every variant (accuracy, footprint, latency)")
     report = build_report(task, datamodule, [cb for _, _, cbs in executed for cb in cbs], c.get("report") or {},
                           fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
+    if progress:
+        log.info("report done in %s; run done in %s", format_seconds(time.perf_counter() - report_started),
+                 format_seconds(time.perf_counter() - run_started))
     result = {"metrics": metrics, "optimized_metric": optimized, "objective": metrics.get(optimized),
               "stages": [s.name for s in plan], "report": report["rows"], "artifacts": report["artifacts"],
               "sparsity_latency": report["sparsity"], "int8_speed": report["int8_speed"], "cpu": report["cpu"],
@@ -447,7 +468,7 @@ def _resolve_run_precision(c: dict) -> dict[str, Any]:
     requested = trainer.get("precision", "32-true")
     accelerator = str(trainer.get("accelerator", "auto"))
     trainer["precision"] = resolve_precision(requested, accelerator)
-    for name, stage in (c.get("stages") or {}).items():
+    for stage in (c.get("stages") or {}).values():
         stage_trainer = (stage or {}).get("trainer") or {}
         if stage_trainer.get("precision") is not None:
             stage_trainer["precision"] = resolve_precision(stage_trainer["precision"],

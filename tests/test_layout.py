@@ -117,3 +117,13 @@ def test_channels_last_input_wrapper_converts():
     wrapped = ChannelsLastInput(_net())
     assert wrapped.module[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert wrapped(torch.randn(2, 1, 12, 12)).shape == (2, 3)
+
+
+def test_channels_last_only_while_training_or_evaluating(tmp_path):
+    seen = []
+    module = UserModule()
+    module.net.conv2.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    trainer = user_trainer(tmp_path, [ChannelsLast(module_attr="net")])
+    trainer.validate(module, datamodule=UserData())
+    assert seen and all(seen)  # NHWC during the validation of its own
+    assert module.net.conv.weight.is_contiguous() and not module.net._forward_pre_hooks  # NCHW after it

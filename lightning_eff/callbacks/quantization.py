@@ -23,6 +23,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from typing import Any
 
 import lightning as L
@@ -62,6 +64,8 @@ from lightning_eff.surgery import (
 from lightning_eff.validation import as_list, check_bool, check_choice, check_int
 
 __all__ = ["QuantizationAwareTraining", "PostTrainingQuantization", "FLOWS"]
+
+log = logging.getLogger(__name__)
 
 FLOWS = ["fx", "pt2e"]
 _FLOAT32 = {"32-true", "32", 32, "64-true", "64", 64}
@@ -351,6 +355,7 @@ class QuantizationAwareTraining(EffCallback):
         if self._prepared is None:
             raise ConfigError("QuantizationAwareTraining.convert(): the model was never prepared (attach the callback to a fit first).")
         self._converted = {}
+        started = time.perf_counter()
         if self.flow == "fx":
             for engine in self.engines:
                 int8 = convert_fx_model(cpu_copy(self._prepared), engine=engine, inplace=True)
@@ -360,6 +365,7 @@ class QuantizationAwareTraining(EffCallback):
 
             self._converted["qat_int8_xnnpack"] = convert_pt2e_model(copy.deepcopy(self._prepared).cpu())
         self._converted_at = self._trainer.global_step if self._trainer is not None else None
+        log.info("QuantizationAwareTraining: converted to %s in %.0f s", sorted(self._converted), time.perf_counter() - started)
         return self._converted
 
     def deployable_models(self) -> dict[str, nn.Module]:
@@ -454,6 +460,7 @@ class PostTrainingQuantization(EffCallback):
 
     def quantize(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
         """Quantize a CPU copy of the trained network; returns ``{"ptq_int8_<engine>": model}``."""
+        started = time.perf_counter()
         net = cpu_copy(self.network(pl_module))
         float_model = unwrap_model(get_submodule(net, self.submodule) if self.submodule else net)
         self._models = {}
@@ -489,7 +496,8 @@ class PostTrainingQuantization(EffCallback):
                 for inputs in self._batches(trainer):
                     prepared(inputs)
             self._models["ptq_int8_xnnpack"] = convert_pt2e_model(prepared, inplace=True)
-        rank_zero_info(f"PostTrainingQuantization: produced {sorted(self._models)}")
+        log.info("PostTrainingQuantization: calibrated on %d batches and converted %s in %.0f s", self.calibration_batches,
+                 sorted(self._models), time.perf_counter() - started)
         return self._models
 
     def deployable_models(self) -> dict[str, nn.Module]:

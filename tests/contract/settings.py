@@ -274,8 +274,12 @@ def _compile_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -
 
 
 def _channels_last_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
-    assert module.net.conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert not cb._handles, "the input hook is removed at teardown"
+    assert module.net.conv.weight.is_contiguous(), "NCHW again when training ends"
+    assert not cb._handles, "the input hook is removed when training ends"
+
+
+def _progress_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
+    assert cb._fit_start is not None and cb._epoch_start is not None  # its lines: tests/test_progress.py
 
 
 # ------------------------------------------------------------------ the table
@@ -448,6 +452,13 @@ ENTRIES: list[Entry] = [
         second_reason="one network has one memory layout: a second ChannelsLast is refused",
         refused_second={"inputs": False},
         refused_match="already converted",
+    ),
+    Entry(
+        name="ProgressLog",
+        kwargs=dict(stage="fit"),
+        bad=({"metrics": {"val/acc": 1}}, "metrics"),
+        after_fit=_progress_after_fit,
+        second={"stage": "finetune", "metrics": ["val_loss"]},
         # NHWC convolutions sum in another order than NCHW ones: the resumed run (converted again at its start)
         # and the uninterrupted one use the same kernels, so they still agree exactly.
     ),

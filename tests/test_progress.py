@@ -1,0 +1,37 @@
+"""Progress lines: one per epoch and one at the end of training (rank 0), elapsed times, and the CLI's stage lines."""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+from user_module import UserData, UserModule, user_trainer
+
+from lightning_eff.callbacks import ProgressLog
+from lightning_eff.callbacks.progress import format_seconds
+from lightning_eff.cli import compose, run
+
+
+def test_one_line_per_epoch_and_one_at_the_end(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_eff")
+    L.seed_everything(0, verbose=False)
+    user_trainer(tmp_path, [ProgressLog(stage="float", metrics=["val_loss"])], max_epochs=3).fit(UserModule(), datamodule=UserData())
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_eff.progress"]
+    epochs = [m for m in lines if " epoch " in m]
+    assert [m.split(" done")[0] for m in epochs] == ["float: epoch 1/3", "float: epoch 2/3", "float: epoch 3/3"]
+    assert all("since start" in m and "val_loss=" in m for m in epochs)
+    assert lines[0].startswith("float: training started (3 epochs, 4 steps per epoch)")
+    assert lines[-1].startswith("float: training done in ")
+
+
+def test_format_seconds():
+    assert [format_seconds(s) for s in (5, 150, 7200)] == ["5 s", "2.5 min", "2.0 h"]
+
+
+def test_cli_logs_every_stage_and_the_report(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_eff")
+    cfg = compose("mobilenet_baseline", ["++trainer.fast_dev_run=true", "model=mobilenetv2_tiny", f"run_dir={tmp_path}",
+                                         "print_report=false", "report.latency=false", "report.memory=false"])
+    run(cfg)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "stage fit (1/1) started" in text and "stage fit done in" in text
+    assert "report: measuring every variant" in text and "run done in" in text

@@ -46,8 +46,10 @@ from lightning_eff.measure import (
     saved_activation_bytes,
 )
 from lightning_eff.models import create_model, list_models, register_model
+from lightning_eff.strategies import DDPStrategy
 from lightning_eff.tasks import ClassificationTask
 from lightning_eff.training.checkpointing import apply_activation_checkpointing, remove_activation_checkpointing
+from lightning_eff.training.ddp import register_comm_hook
 from lightning_eff.training.precision import resolve_precision
 
 __version__ = "0.1.0"
@@ -59,6 +61,7 @@ __all__ = [
     "Compile",
     "ClassificationTask",
     "ConfigError",
+    "DDPStrategy",
     "DataNotFoundError",
     "Distillation",
     "Export",
@@ -87,6 +90,7 @@ __all__ = [
     "register_model",
     "apply_activation_checkpointing",
     "remove_activation_checkpointing",
+    "register_comm_hook",
     "resolve_precision",
     "saved_activation_bytes",
 ]

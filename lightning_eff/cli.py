@@ -302,12 +302,15 @@ def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) 
     strategy = trainer_cfg.get("strategy", "auto")
     if isinstance(strategy, Mapping):  # a _target_ node: a configured Strategy object
         strategy = trainer_cfg["strategy"] = build(strategy, "trainer.strategy")
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__.lower()
-    if multirun and name.startswith("ddp") and "spawn" not in name:
-        # A Hydra multirun child that launches DDP by re-executing the command line re-runs the
-        # whole sweep from every rank (lightning-hydra-template #393): spawn keeps ranks in-process.
-        warnings.warn(f"trainer.strategy={name!r} inside a Hydra multirun re-launches the sweep; using 'ddp_spawn'.", stacklevel=2)
-        trainer_cfg["strategy"] = "ddp_spawn"
+    if multirun:
+        # A Hydra multirun child whose DDP ranks start by re-running the command line would re-run the whole
+        # sweep from every rank (lightning-hydra-template #393): such a strategy starts its ranks in-process
+        # instead (its comm hook, backend and DDP options kept); ranks started by torchrun/srun are left alone.
+        from lightning_eff.strategies import multirun_strategy
+
+        trainer_cfg["strategy"], why = multirun_strategy(strategy)
+        if why:
+            warnings.warn(why, stacklevel=2)
     plugins = trainer_cfg.pop("plugins", None)
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     plugins = [build(p, f"trainer.plugins[{i}]") if isinstance(p, Mapping) else p for i, p in enumerate(plugins)]
@@ -407,10 +410,10 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
                 trainer_cfg["enable_checkpointing"] = False  # its checkpoint is written below, atomically
             trainer = _trainer(trainer_cfg, callbacks, stage_dir, multirun)
             started = time.perf_counter()
-            if progress:
+            if progress and trainer.is_global_zero:
                 log.info("stage %s (%d/%d) started: precision %s", stage.name, index + 1, len(plan), trainer.precision)
             trainer.fit(task, datamodule=datamodule, ckpt_path=c.get("ckpt_path") if stage.main else None)
-            if progress:
+            if progress and trainer.is_global_zero:
                 log.info("stage %s done in %s (training and end-of-fit work; %s since the run started)", stage.name,
                          format_seconds(time.perf_counter() - started), format_seconds(time.perf_counter() - run_started))
             executed.append((stage, trainer, callbacks))
@@ -435,11 +438,14 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
         warnings.warn(f"optimized_metric={optimized!r} was not logged by this run (objective = None); logged: {sorted(metrics)}.",
                       stacklevel=2)
     report_started = time.perf_counter()
-    if progress:
+    if progress and final_trainer.is_global_zero:
         log.info("report: measuring every variant (accuracy, footprint, latency)")
-    report = build_report(task, datamodule, [cb for _, _, cbs in executed for cb in cbs], c.get("report") or {},
-                          fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
-    if progress:
+    if final_trainer.is_global_zero:  # no collectives inside; other DDP ranks would only time against rank 0
+        report = build_report(task, datamodule, [cb for _, _, cbs in executed for cb in cbs], c.get("report") or {},
+                              fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
+    else:
+        report = {"rows": {}, "artifacts": [], "sparsity": [], "int8_speed": [], "cpu": {}}
+    if progress and final_trainer.is_global_zero:
         log.info("report done in %s; run done in %s", format_seconds(time.perf_counter() - report_started),
                  format_seconds(time.perf_counter() - run_started))
     result = {"metrics": metrics, "optimized_metric": optimized, "objective": metrics.get(optimized),

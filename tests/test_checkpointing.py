@@ -236,3 +236,18 @@ def test_callback_memory_budget_profiles_on_real_examples(tmp_path):
     ac = ActivationCheckpointing(memory_budget=0.6, module_attr="net")
     _fit(tmp_path, [ac])
     assert ac.info.profile is not None and ac.info.modules
+
+
+def test_footprint_monitor_reports_the_real_steps_saved_activations(tmp_path):
+    from lightning_eff.callbacks import FootprintMonitor
+
+    def run(extra):
+        fp = FootprintMonitor(batch_sizes=[1], latency=False, memory=False, activations=True, module_attr="net")
+        _fit(tmp_path / str(len(extra)), [*extra, fp])
+        return fp.report["activations"]
+
+    plain, ckpt = run([]), run([ActivationCheckpointing(module_attr="net")])
+    assert plain["saved_bytes"] > 0 and plain["peak_rss_mb"] > 0 and plain["step"] == 0
+    assert ckpt["saved_bytes"] < 0.5 * plain["saved_bytes"], (plain, ckpt)
+    with pytest.raises(ConfigError, match="activations"):
+        FootprintMonitor(activations="yes")

@@ -471,3 +471,13 @@ def test_lightning_trainer_consumes_datamodule(tmp_path):
     trainer.fit(Tiny(c * h * w, dm.num_classes), datamodule=dm)
     assert trainer.global_step == 3 and "val_loss" in trainer.callback_metrics
     assert dm.hparams["resize"] == 16 and dm.hparams["augment"] is True
+
+
+@needs_fmnist
+def test_fmnist_datamodule_pickles_after_setup():
+    """ddp_spawn (and a Hydra multirun with DDP) pickles the datamodule after it was set up."""
+    dm = FashionMNISTDataModule(limit_train=128, limit_val=32, limit_test=32)
+    dm.setup("fit")
+    clone = pickle.loads(pickle.dumps(dm))
+    assert torch.equal(clone._pool_images(), dm._pool_images())
+    assert len(clone.train_dataloader().dataset) == 128

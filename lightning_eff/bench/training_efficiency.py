@@ -145,11 +145,8 @@ class _Clock(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         if trainer.is_global_zero:
-            with torch.no_grad():
-                was = pl_module.training
-                pl_module.eval()
-                loss = float(nn.functional.cross_entropy(pl_module.model(self.probe[0]), self.probe[1]))
-                pl_module.train(was)
+            with torch.no_grad():  # batch statistics (a copy in train mode): after a few steps BN's running ones lag
+                loss = float(nn.functional.cross_entropy(copy.deepcopy(pl_module.model).train()(self.probe[0]), self.probe[1]))
             Path(self.path).write_text(json.dumps({"elapsed_s": elapsed, "steps": trainer.global_step - self.skip,
                                                    "final_loss": loss, "world_size": trainer.world_size}))
 
@@ -164,7 +161,7 @@ def _ddp_run(devices: int, global_batch: int, steps: int, root: Path) -> dict[st
         return FashionMNISTDataModule(batch_size=global_batch // devices, resize=32, limit_train=global_batch * steps,
                                       limit_val=64, limit_test=64)
 
-    probe = data()  # the spawned ranks get a datamodule not yet set up (a loaded one holds unpicklable transforms)
+    probe = data()  # the fixed probe batch comes from a datamodule of its own
     probe.setup("fit")
     probe_x, probe_y = next(iter(probe.val_dataloader()))
     dm = data()

@@ -268,15 +268,15 @@ class Export(EffCallback):
         return models
 
     def _calibration(self, trainer: L.Trainer) -> list[tuple]:
-        """Single examples from the train loader: the ``.pte`` graph has the example's static batch of 1."""
+        """``calibration_batches`` training batches (whole: the back end calibrates them at once where the graph
+        allows a dynamic batch, else one example at a time; the ``.pte`` keeps the example's static batch of 1)."""
         loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
-        examples: list[tuple] = []
+        batches: list[tuple] = []
         for i, batch in enumerate(loader or []):
             if i >= self.calibration_batches:
                 break
-            inputs = to_cpu(model_inputs(batch))
-            examples.extend((inputs[j : j + 1],) for j in range(inputs.shape[0]))
-        return examples
+            batches.append((to_cpu(model_inputs(batch)),))
+        return batches
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Export every selected variant in every format; returns the artifact entries."""

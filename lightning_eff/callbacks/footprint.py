@@ -39,9 +39,11 @@ from lightning_eff.compression.quantization.engines import (
 )
 from lightning_eff.errors import ConfigError
 from lightning_eff.measure import (
+    SavedTensorCounter,
     count_nonzero_parameters,
     count_parameters,
     measure_footprint,
+    process_peak_rss_mb,
     serialize_state_dict,
 )
 from lightning_eff.protocols import deployables
@@ -68,6 +70,7 @@ class FootprintConfig:
     filename: str = "results.json"
     log_every_validation: bool = True
     variants: bool = True
+    activations: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_sizes, (str, bytes)) or not isinstance(self.batch_sizes, Sequence):
@@ -85,6 +88,7 @@ class FootprintConfig:
             raise ConfigError(f"filename={self.filename!r} must be a plain file name ending in '.json', e.g. 'results.json'.")
         check_bool("log_every_validation", self.log_every_validation)
         check_bool("variants", self.variants)
+        check_bool("activations", self.activations)
 
 
 class FootprintMonitor(EffCallback):
@@ -114,6 +118,11 @@ class FootprintMonitor(EffCallback):
             of QAT/PTQ, a compacted pruned model) as rows of ``report["variants"]``. Each row (and the main
             ``footprint``) says in ``"model"`` which model it measures: under QAT the trained network is a
             fake-quant training graph, not a deployable model.
+        activations: count the bytes autograd saves for backward in the first training step (the real
+            step: your ``training_step``, precision and activation checkpointing included; a
+            :class:`~lightning_eff.measure.SavedTensorCounter` from batch start to ``on_before_backward``),
+            logged as ``footprint/saved_activation_mib`` and reported under ``"activations"`` with the
+            process's peak resident memory.
         module_attr: attribute of the LightningModule holding the network (``None``: the module itself).
 
     Raises:
@@ -132,14 +141,17 @@ class FootprintMonitor(EffCallback):
         filename: str = "results.json",
         log_every_validation: bool = True,
         variants: bool = True,
+        activations: bool = False,
         module_attr: str | None = "model",
     ) -> None:
         super().__init__(module_attr)
         batch_sizes = tuple(as_list("batch_sizes", batch_sizes))  # one int is one batch size; ListConfig too
         self.config = FootprintConfig(
             batch_sizes, latency, memory, warmup, repeats, threads,
-            None if output_dir is None else str(output_dir), filename, log_every_validation, variants,
+            None if output_dir is None else str(output_dir), filename, log_every_validation, variants, activations,
         )
+        self._counter: SavedTensorCounter | None = None
+        self._activations: dict[str, float] | None = None
         self.report: dict[str, Any] = {}
         self.path: Path | None = None
         self._output_dir: str | None = None
@@ -170,9 +182,36 @@ class FootprintMonitor(EffCallback):
             rank_zero_warn(f"FootprintMonitor: could not count parameters ({type(err).__name__}: {err}).")
             return
         for key, value in figures.items():
-            # Identical on every rank, so no sync is needed; logged on all ranks because
-            # ModelCheckpoint reads callback_metrics on every rank.
-            pl_module.log(f"footprint/{key}", value, on_step=False, on_epoch=True, prog_bar=False, logger=bool(trainer.loggers))
+            # Logged on all ranks because ModelCheckpoint reads callback_metrics on every rank. The value is
+            # identical on every rank (DDP keeps the weights in step): reducing with max is exact and tells
+            # Lightning the epoch value is meant to be synced, so it does not warn "use sync_dist=True" per key.
+            pl_module.log(f"footprint/{key}", value, on_step=False, on_epoch=True, prog_bar=False, logger=bool(trainer.loggers),
+                          sync_dist=True, reduce_fx="max")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.config.activations and self._activations is None and self._counter is None:
+            self._counter = SavedTensorCounter(exclude=pl_module).__enter__()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self._counter is None:
+            return
+        self._counter.__exit__(None, None, None)
+        saved, self._counter = self._counter, None
+        self._activations = {"saved_bytes": float(saved.saved_bytes), "saved_mib": saved.saved_bytes / 2**20,
+                             "peak_rss_mb": process_peak_rss_mb(), "step": int(trainer.global_step)}
+        pl_module.log("footprint/saved_activation_mib", self._activations["saved_mib"], on_step=True, on_epoch=False,
+                      logger=bool(trainer.loggers))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._counter is not None:  # the step skipped backward (training_step returned None)
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._counter is not None:  # never leave the saved-tensor hooks installed after a failed step
+            self._counter.__exit__(None, None, None)
+            self._counter = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self._measure(trainer, pl_module, "fit"):
@@ -185,7 +224,9 @@ class FootprintMonitor(EffCallback):
         if self._measure(trainer, pl_module, "test"):  # reuses the fit-end figures if the model is unchanged
             self._pending_log = {k: float(v) for k, v in self.report["footprint"].items() if isinstance(v, (int, float))}
         for key, value in self._pending_log.items():
-            pl_module.log(f"footprint/{key}", value, rank_zero_only=True, logger=bool(trainer.loggers))
+            # Only rank zero measured: rank_zero_only=True makes Lightning skip the reduction (the other ranks never
+            # log these keys); sync_dist=True says that is intended, so it does not warn "use sync_dist=True" per key.
+            pl_module.log(f"footprint/{key}", value, rank_zero_only=True, sync_dist=True, logger=bool(trainer.loggers))
         self._pending_log = {}
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -227,6 +268,8 @@ class FootprintMonitor(EffCallback):
                     self.report["variants"] = self._measure_variants(trainer, inputs)
                 self._fingerprint = fingerprint
             self.report["metrics"].update(_float_metrics(trainer.callback_metrics))
+            if self._activations is not None:
+                self.report["activations"] = dict(self._activations)
             self.report["stage"] = stage
             return True
         except Exception as err:  # a report must never cost the trained model

@@ -89,6 +89,11 @@ def _load_arrays(folder: str, _mtimes: tuple) -> tuple[torch.Tensor, torch.Tenso
     return to_t(xtr)[:, None], to_t(ytr).long(), to_t(xte)[:, None], to_t(yte).long()
 
 
+def _pool_resized(images: torch.Tensor, index: torch.Tensor, size: int | None) -> torch.Tensor:
+    """The unlabeled pool's images at the training size (picklable, unlike a lambda)."""
+    return resize_uint8(images[index], size)
+
+
 class FashionMNISTDataModule(ImageTensorDataModule):
     """Fashion-MNIST: 60k train (minus ``val_size`` held out) / 10k test, 10 classes, 28x28 grey.
 
@@ -173,6 +178,7 @@ class FashionMNISTDataModule(ImageTensorDataModule):
         imgs_te = resize_uint8(xte[torch.as_tensor(test_idx, dtype=torch.long)], size)
         labels_te = yte[torch.as_tensor(test_idx, dtype=torch.long)]
         self.train_set = self._make_set(imgs_tr, labels_tr, local_tr, train=True, **kw)
-        self._pool_images = lambda: resize_uint8(xtr[torch.as_tensor(pool_idx, dtype=torch.long)], size)
+        # a partial of a module-level function, not a lambda: ddp_spawn pickles the datamodule
+        self._pool_images = functools.partial(_pool_resized, xtr, torch.as_tensor(pool_idx, dtype=torch.long), size)
         self.val_set = self._make_set(imgs_tr, labels_tr, local_val, train=False, **kw)
         self.test_set = self._make_set(imgs_te, labels_te, np.arange(len(test_idx)), train=False, **kw)

@@ -3,6 +3,8 @@ an image folder (``class/xxx.png``), CIFAR-10 in its python-pickle format, and C
 """
 from __future__ import annotations
 
+import functools
+
 import csv
 import io
 import json
@@ -31,6 +33,11 @@ __all__ = ["ImageFolderDataModule", "CIFAR10DataModule", "TextFileDataModule", "
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # training-set channel statistics (Krizhevsky, 2009)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+
+
+def _take(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``images[index]`` as a picklable callable's body (the unlabeled pool of ``limit_train``)."""
+    return images[index]
 
 
 class ImageFolderDataModule(ImageTensorDataModule):
@@ -201,7 +208,7 @@ class CIFAR10DataModule(ImageTensorDataModule):
         test = take_limit(np.arange(len(yte)), self.limit_test, 0)
         self.split_indices = {"train": train, "val": val, "test": test}
         self._class_names = names
-        self._pool_images = lambda: xtr[torch.as_tensor(pool, dtype=torch.long)]
+        self._pool_images = functools.partial(_take, xtr, torch.as_tensor(pool, dtype=torch.long))  # picklable (ddp_spawn)
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if self.normalize else (None, None)
         kw = dict(channels=3, mean=mean, std=std, pad=4)
         self.train_set = self._make_set(xtr, ytr, train, train=True, **kw)

@@ -6,6 +6,7 @@ The maintained mobile path. ``int8=True`` on a float module quantizes it here wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.batch import batch_len, batch_rows
 from lightning_eff.errors import ExportUnavailableError
 from lightning_eff.export.core import (
     ExportError,
@@ -26,10 +28,38 @@ from lightning_eff.export.core import (
 from lightning_eff.export.registry import Exporter, register_exporter
 from lightning_eff.validation import check_bool
 
+log = logging.getLogger(__name__)
+
 
 def _write_sidecar(path: Path, meta: dict) -> None:
     with _atomic_target(Path(f"{path}.json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
+
+
+def _prepare_for_calibration(model: nn.Module, inputs: tuple, calibration: Sequence[Any] | None,
+                             per_channel: bool) -> tuple[torch.fx.GraphModule, bool]:
+    """pt2e PTQ observers on ``model``, captured with a dynamic batch when the graph allows it.
+
+    Calibration then runs whole batches (one call per batch instead of one per example: 100x fewer calls
+    for batches of 128); the converted graph is exported again with the example's static shapes for
+    lowering. A model whose graph fixes the batch size is captured at the example's shape and calibrated
+    row by row. Returns the prepared graph and whether it takes whole batches.
+    """
+    from lightning_eff.compression.quantization import pt2e
+
+    first = _inputs(calibration[0]) if calibration else None
+    tensors = all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in inputs)
+    if first is not None and tensors and batch_len(first) >= 2:
+        two = batch_rows(first, 0, 2)  # a batch of 2 to capture with: torch.export specializes a size-1 dim
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        try:
+            prepared = pt2e.prepare_pt2e_model(model, two, qat=False, per_channel=per_channel,
+                                               dynamic_shapes=tuple({0: batch} for _ in two))
+            return prepared, True
+        except Exception as err:  # noqa: BLE001 - e.g. a reshape that bakes the batch size in
+            log.info("ExecuTorch int8: no dynamic-batch capture (%s: %s); calibrating one example at a time",
+                     type(err).__name__, str(err).splitlines()[0][:200])
+    return pt2e.prepare_pt2e_model(model, inputs, qat=False, per_channel=per_channel), False
 
 
 def export_executorch(
@@ -52,7 +82,7 @@ def export_executorch(
             calibrated on ``calibration`` batches (default: the example inputs). Models already
             converted by ``convert_pt2e_model`` are exported as they are.
         per_channel: per-channel weights for ``int8=True``.
-        calibration: batches (tensors or tuples) for ``int8=True``.
+        calibration: batches (tensors or tuples, any batch size) for ``int8=True``.
 
     Raises:
         ExportUnavailableError: executorch not installed.
@@ -81,10 +111,15 @@ def export_executorch(
                 "this model was quantized with torch.ao (eager/FX), which torch.export cannot capture; "
                 "quantize with prepare_pt2e_model/convert_pt2e_model or pass the float model with int8=True."
             )
-        prepared = pt2e.prepare_pt2e_model(target, inputs, qat=False, per_channel=per_channel)
+        prepared, batched = _prepare_for_calibration(target, inputs, calibration, per_channel)
         with torch.no_grad():
             for batch in calibration or [inputs]:
-                prepared(*_inputs(batch))
+                args = _inputs(batch)
+                if batched:
+                    prepared(*args)
+                else:  # the graph has the example's static shape: feed the batch one row at a time
+                    for row in range(batch_len(args)):
+                        prepared(*batch_rows(args, row, row + 1))
         target = pt2e.convert_pt2e_model(prepared, inplace=True)
         quantized = True
     try:

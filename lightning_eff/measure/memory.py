@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,7 +42,7 @@ def peak_memory_mb(model: Callable[..., Any], example_inputs: Any) -> float:
             return (torch.cuda.max_memory_allocated(tensor.device) - before) / _MiB
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_kineto(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             call_with_inputs(model, example_inputs)
     events = sorted(
         (event.start_ns(), event.nbytes())
@@ -52,6 +54,29 @@ def peak_memory_mb(model: Callable[..., Any], example_inputs: Any) -> float:
         live += nbytes
         peak = max(peak, live)
     return peak / _MiB
+
+
+@contextmanager
+def _quiet_kineto() -> Iterator[None]:
+    """Keep the profiler's back end (kineto) from writing its own lines to stderr, unless the user set its level.
+
+    Kineto logs through its own logger, not Python's: ``USDT: ... profiler_start`` / ``profiler_stop`` on every
+    profile and, on a CUDA build of torch without a usable CUDA driver, ``ERROR: ... DeviceProperties.cpp:56]
+    gpuGetDeviceCount failed with code 35`` (cudaErrorInsufficientDriver) the first time a trace is
+    post-processed, even a CPU-only one: kineto asks the CUDA runtime for the GPUs' properties to write
+    the trace's metadata. Neither says anything about the measurement. Kineto reads ``KINETO_LOG_LEVEL`` once,
+    when the first profile of the process starts; 6 is above its highest severity (USDT = 5). So this
+    keeps every later profile of the process quiet too; ``KINETO_LOG_LEVEL=4`` (or any value) set by the
+    user is left alone.
+    """
+    if "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        yield
+    finally:
+        os.environ.pop("KINETO_LOG_LEVEL", None)
 
 
 def process_peak_rss_mb() -> float:

@@ -1,6 +1,9 @@
 """Pruning + Distillation + ActivationCheckpointing + FootprintMonitor together under DDP (2 CPU processes, gloo):
-the run completes, masks and weights are identical on both ranks, the teacher is outside the DDP wrapper, the
-footprint file is written by rank 0 only."""
+the run completes, masks and weights are identical on both ranks, the teacher stays outside the DDP wrapper and the
+optimizer (frozen, in eval mode), checkpoint wrappers are active in training, the footprint file is written.
+
+Replaces the earlier one-technique files test_pruning_ddp.py / test_distillation_ddp.py (each callback alone under
+DDP is also in the contract suite's DDP test)."""
 from __future__ import annotations
 
 import copy
@@ -41,9 +44,14 @@ class Record(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         ddp = trainer.strategy.model
         teacher_ids = {id(p) for p in self.distill.teacher.parameters()}
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         torch.save({"masks": {k: v.cpu() for k, v in self.pruning.masks.items()},
                     "weights": {k: v.detach().cpu() for k, v in pl_module.net.named_parameters()},
+                    "wrapper": type(ddp).__name__,
                     "teacher_in_ddp": any(id(p) in teacher_ids for p in ddp.parameters()),
+                    "teacher_in_optimizer": bool(teacher_ids & optimized),
+                    "teacher_training": self.distill.teacher.training,
+                    "teacher": {k: v.detach().cpu() for k, v in self.distill.teacher.state_dict().items()},
                     "wrapped": self.wrapped_during_training, "checkpointed": list(self.ckpt.info.modules)},
                    f"{self.folder}/rank{trainer.global_rank}.pt")
 
@@ -52,6 +60,7 @@ def test_pruning_distillation_checkpointing_footprint_under_ddp(tmp_path):
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     teacher = copy.deepcopy(BlockNetModule().net).eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     pruning = Pruning(amount=0.5, schedule="polynomial", frequency=1, end_step=3, include=[r"\d\.0"], export_sparse=None,
                       module_attr="net")
     distill = Distillation(teacher=teacher, layers={"1": "1"}, module_attr="net")
@@ -67,7 +76,11 @@ def test_pruning_distillation_checkpointing_footprint_under_ddp(tmp_path):
         assert torch.equal(r0["masks"][k], r1["masks"][k]), k
     for k in r0["weights"]:
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
-    assert not r0["teacher_in_ddp"] and not r1["teacher_in_ddp"]
+    for r in (r0, r1):  # the teacher: outside the DDP wrapper and the optimizer, frozen, in eval mode
+        assert r["wrapper"] == "DistributedDataParallel"
+        assert not r["teacher_in_ddp"] and not r["teacher_in_optimizer"] and r["teacher_training"] is False
+        for k, v in before.items():
+            assert torch.equal(r["teacher"][k], v), k
     assert r0["wrapped"] and r1["wrapped"] and r0["checkpointed"] == r1["checkpointed"] == ["0", "1", "2"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["footprint"]["params"] > 0

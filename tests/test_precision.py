@@ -3,6 +3,7 @@ the presets compose, the CLI records the choice, QAT refuses it, distillation ru
 from __future__ import annotations
 
 import json
+import logging
 
 import lightning as L
 import pytest
@@ -49,7 +50,8 @@ def test_presets_compose(preset):
     assert cfg.trainer.strategy == "auto" and cfg.trainer.devices == 1  # the distributed preset beside it
 
 
-def test_cli_resolves_once_and_records_it(tmp_path, monkeypatch):
+def test_cli_resolves_once_and_records_it(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_eff")
     monkeypatch.setattr(P, "cpu_flags", lambda: dict(AMX))  # as if on an AMX machine: auto -> bf16-mixed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = compose("mobilenet_baseline", ["trainer/precision=auto", "++trainer.fast_dev_run=true", "model=mobilenetv2_tiny",
@@ -59,6 +61,9 @@ def test_cli_resolves_once_and_records_it(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["precision"]["resolved"] == "bf16-mixed" and saved["config"]["trainer"]["precision"] == "bf16-mixed"
     assert saved["precision"]["facts"]["amx_bf16"] is True
+    text = "\n".join(r.getMessage() for r in caplog.records)  # the CLI's progress lines (ProgressLog: test_progress.py)
+    assert "stage fit (1/1) started: precision bf16-mixed" in text and "stage fit done in" in text
+    assert "report: measuring every variant" in text and "run done in" in text
 
 
 def test_qat_refuses_mixed_precision(tmp_path):

@@ -1,4 +1,5 @@
-"""Progress lines: one per epoch and one at the end of training (rank 0), elapsed times, and the CLI's stage lines."""
+"""Progress lines: one per epoch and one at the end of training (rank 0), elapsed times (the CLI's stage and report
+lines: tests/test_precision.py::test_cli_resolves_once_and_records_it, which runs the CLI anyway)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,6 @@ from user_module import UserData, UserModule, user_trainer
 
 from lightning_eff.callbacks import ProgressLog
 from lightning_eff.callbacks.progress import format_seconds
-from lightning_eff.cli import compose, run
 
 
 def test_one_line_per_epoch_and_one_at_the_end(tmp_path, caplog):
@@ -25,13 +25,3 @@ def test_one_line_per_epoch_and_one_at_the_end(tmp_path, caplog):
 
 def test_format_seconds():
     assert [format_seconds(s) for s in (5, 150, 7200)] == ["5 s", "2.5 min", "2.0 h"]
-
-
-def test_cli_logs_every_stage_and_the_report(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lightning_eff")
-    cfg = compose("mobilenet_baseline", ["++trainer.fast_dev_run=true", "model=mobilenetv2_tiny", f"run_dir={tmp_path}",
-                                         "print_report=false", "report.latency=false", "report.memory=false"])
-    run(cfg)
-    text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "stage fit (1/1) started" in text and "stage fit done in" in text
-    assert "report: measuring every variant" in text and "run done in" in text

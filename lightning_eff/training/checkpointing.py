@@ -433,12 +433,17 @@ def apply_activation_checkpointing(
                           "update twice per step); use reentrant=False (the default).")
     if reentrant and (use_model_switch == "always" or isinstance(net, torch.fx.GraphModule)):
         raise ConfigError("reentrant=True applies to block wrappers only (not to a model's own switch or an FX graph).")
-    own_switch = use_model_switch == "always" or (use_model_switch == "auto" and not stateful and memory_budget is None)
+    own_switch = use_model_switch == "always" or (use_model_switch == "auto" and not stateful and memory_budget is None
+                                                  and exclude is None)  # a switch can neither skip blocks nor pick them
     if auto and kind is not None and not reentrant and own_switch:  # a switch cannot pick blocks for a budget
         _enable_switch(owner, kind, preserve_rng_state)
         owner_name = next(n for n, m in net.named_modules() if m is owner)
         info = CheckpointingInfo(method=kind, modules=[canonical_name(owner_name)])
     elif auto and isinstance(net, torch.fx.GraphModule) and not auto_blocks(net):
+        if memory_budget is not None or exclude is not None:
+            warnings.warn("activation checkpointing: an FX/pt2e graph is cut into segments; memory_budget and exclude "
+                          "apply to block lists and are ignored here (set segments= to trade memory for time).",
+                          NoEffectWarning, stacklevel=2)
         count = _segment_graph(net, segments, preserve_rng_state)
         info = CheckpointingInfo(method="fx-segments", modules=[f"submod_{i}" for i in range(count)], segments=count)
     else:

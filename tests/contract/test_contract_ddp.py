@@ -7,7 +7,7 @@ effect), at ``on_fit_end`` the callback's rank-0-only results and every file it 
 atomic write in lightning_eff ends with), then saves all of it to ``rank{r}.pt``. The parent compares:
 identical state on both ranks, side effects on rank 0 only, each file written exactly once.
 
-Same approach as ``tests/test_pruning_ddp.py`` / ``tests/test_distillation_ddp.py`` (per-rank files).
+Same approach as ``tests/test_ddp_combined.py`` (per-rank files).
 """
 from __future__ import annotations
 

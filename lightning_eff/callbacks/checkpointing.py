@@ -35,6 +35,7 @@ from lightning_eff.training.checkpointing import (
     CheckpointingInfo,
     apply_activation_checkpointing,
     check_memory_budget,
+    check_segments,
     remove_activation_checkpointing,
 )
 from lightning_eff.validation import check_bool, check_choice
@@ -93,9 +94,7 @@ class ActivationCheckpointing(EffCallback):
         self.module_types = module_types if module_types is None or isinstance(module_types, str) else list(module_types)
         self.exclude = exclude if exclude is None or isinstance(exclude, str) else list(exclude)
         self.use_model_switch = check_choice("use_model_switch", use_model_switch, MODEL_SWITCH_CHOICES)
-        if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 2):
-            raise ConfigError(f"segments={segments!r} must be an integer >= 2 (or None for the square root of the graph's nodes).")
-        self.segments = segments
+        self.segments = check_segments(segments)
         self.preserve_rng_state = check_bool("preserve_rng_state", preserve_rng_state)
         self.reentrant = check_bool("reentrant", reentrant)
         self.memory_budget = check_memory_budget(memory_budget)

@@ -63,6 +63,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "auto_blocks",
     "check_memory_budget",
+    "check_segments",
     "choose_blocks",
     "profile_blocks",
     "is_recomputing",
@@ -83,6 +84,13 @@ def check_memory_budget(memory_budget: Any) -> float | None:
         raise ConfigError(f"memory_budget={memory_budget!r} must be a fraction in (0, 1] (the share of saved activations "
                           "to keep) or None (checkpoint every selected block).")
     return float(memory_budget)
+
+
+def check_segments(segments: Any) -> int | None:
+    """``None`` or an integer >= 2 (the pieces an FX graph is cut into); else a :class:`~lightning_eff.errors.ConfigError`."""
+    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 2):
+        raise ConfigError(f"segments={segments!r} must be an integer >= 2 (or None for the square root of the graph's nodes).")
+    return segments
 
 
 def is_recomputing() -> bool:
@@ -409,8 +417,7 @@ def apply_activation_checkpointing(
     check_memory_budget(memory_budget)
     if memory_budget is not None and example_inputs is None:
         raise ConfigError("memory_budget needs example_inputs (a training batch's inputs) to profile the blocks.")
-    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 2):
-        raise ConfigError(f"segments={segments!r} must be an integer >= 2 (or None for the square root of the graph's nodes).")
+    check_segments(segments)
     auto = modules == "auto" and module_types is None
     if modules == "auto":
         modules = None

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= mobilenet_qat
-EXTRAS ?= dev,export,slurm
+EXTRAS ?= dev,export,slurm,plots
 # Tests run single-threaded (tests/conftest.py), so one pytest-xdist worker per core uses the machine fully.
 TEST_WORKERS ?= 2
 APT_PACKAGES := dataset-fashion-mnist wordnet-base

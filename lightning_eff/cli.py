@@ -178,6 +178,10 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         key = f"stages.{stage.name}" if c.get("stages") is not None else ("finetune" if stage.continues else stage.name)
         if isinstance(stage.model, Mapping):
             _check_model(f"{key}.model", stage.model)
+        if "_target_" in stage.task:
+            _check_target_node(f"{key}.task", stage.task, extra=["model"])
+        if stage.data:
+            _check_target_node(f"{key}.data", {**dict(c["data"]), **stage.data})
         _check_node_keys(f"{key}.trainer", stage.trainer, valid_trainer)
         for name, node in stage.callbacks.items():
             if node is not None:
@@ -195,14 +199,20 @@ def known_metrics(c: Mapping[str, Any]) -> list[str] | None:
     """The metric names a run of ``c`` will log, as far as known before training (``None``: the task does not say).
 
     The task class's ``LOGGED_METRICS``, plus ``<stage>/test_acc`` of every stage with ``test: true``
-    (a teacher stage). A task class without ``LOGGED_METRICS`` is checked after the run instead.
+    (a teacher stage) and the ``LOGGED_METRICS`` of the last stage's callbacks (``KNNMonitor``). A task class without ``LOGGED_METRICS`` is checked after the run instead.
     """
     task_cls = _import_target(c["task"]["_target_"], "task") if isinstance(c.get("task"), Mapping) else None
     logged = getattr(task_cls, "LOGGED_METRICS", None)
     if logged is None:
         return None
-    stage_metrics = [f"{s.name}/test_acc" for s in plan_stages(c) if s.test]
-    names = list(logged) + stage_metrics
+    plan = plan_stages(c)
+    stage_metrics = [f"{s.name}/test_acc" for s in plan if s.test]
+    # callbacks of the last stage (the one whose metrics a run returns) that declare what they log (KNNMonitor)
+    last = plan[-1]
+    nodes = [*((c.get("callbacks") or {}).values() if last.root_callbacks else []), *last.callbacks.values()]
+    callback_metrics = [m for node in nodes if isinstance(node, Mapping) and "_target_" in node
+                        for m in getattr(_import_target(node["_target_"], "callbacks"), "LOGGED_METRICS", ())]
+    names = list(logged) + stage_metrics + callback_metrics
     if not c.get("test_after_fit", True):
         names = [n for n in names if not n.startswith("test/")]
     return names
@@ -355,14 +365,18 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(c.get("seed", 0)), workers=True, verbose=False)
 
-    datamodule = build(c["data"], "data")
-    datamodule.setup("fit")
+    run_data = build(c["data"], "data")
+    run_data.setup("fit")
     teacher, teacher_path, handed = None, None, None  # handed: (kind, network) for the next stage
     task, fp32_model, stage_metrics = None, None, {}
     executed: list[tuple[Stage, L.Trainer, list[L.Callback]]] = []
     for index, stage in enumerate(plan):
         last = index == len(plan) - 1
         stage_dir = run_dir if stage.main else run_dir / stage.name
+        datamodule = run_data
+        if stage.data:  # e.g. a pretraining stage on every training image, the labelled stages on a fraction
+            datamodule = build({**dict(c["data"]), **stage.data}, f"stages.{stage.name}.data")
+            datamodule.setup("fit")
         if stage.checkpoint is not None and not stage.continues:  # loaded, not trained
             if last:
                 raise ConfigError(f"stages.{stage.name}: the last stage must train (it has a checkpoint and nothing to fit).")
@@ -383,8 +397,9 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
                     if teacher_path is None:
                         raise ConfigError(f"stages.{stage.name}: model.init_from=teacher, but no earlier stage hands over a teacher.")
                     spec["init_from"] = teacher_path
-                task_node = {**dict(c["task"]), **stage.task}
-                task = build(task_node, "task", model=spec)
+                own = "_target_" in stage.task  # a stage's own task (self-supervised pretraining)
+                task_node = dict(stage.task) if own else {**dict(c["task"]), **stage.task}
+                task = build(task_node, f"stages.{stage.name}.task" if own else "task", model=spec)
                 if handed is not None and handed[0] in ("init", "backbone"):
                     if handed[0] == "init":
                         src, dst = handed[1].state_dict(), task.model.state_dict()
@@ -397,7 +412,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
                                 f"{len(unexpected)} unexpected; hand over 'backbone' to copy the matching part.")
                         task.model.load_state_dict(src)
                     else:
-                        copied = copy_backbone(handed[1], task.model)
+                        copied = copy_backbone(handed[1], task.model, f"stages.{stage.name}: hands_over backbone")
                         log.info("stage %s: %d tensors of the backbone handed over", stage.name, len(copied))
             callbacks = _callbacks(c.get("callbacks"), "callbacks", teacher=teacher) if stage.root_callbacks else []
             callbacks += _callbacks(stage.callbacks, f"stages.{stage.name}.callbacks", teacher=teacher)

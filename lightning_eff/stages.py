@@ -20,7 +20,11 @@ of those of the recipe it extends):
 ``task``
     task options over the run's ``task`` (``lr``, ``optimizer``, ``scheduler``, ``warmup_fraction``,
     ``weight_decay``); with ``model: previous`` they change the running task (``lr`` defaults to a
-    tenth of the previous one).
+    tenth of the previous one). A node with a ``_target_`` is the stage's own task instead (self-supervised
+    pretraining: ``{_target_: lightning_eff.tasks.SimCLRTask, ...}``), built on the stage's model spec.
+``data``
+    datamodule options over the run's ``data`` for this stage only (a pretraining stage that reads every
+    training image while the labelled stages use ``label_fraction: 0.01``); the stage gets its own datamodule.
 ``callbacks``
     the stage's own callback nodes; ``root_callbacks`` (default: true for the main stage only) also
     attaches the run's ``callbacks``.
@@ -53,7 +57,7 @@ from lightning_eff.errors import ConfigError, did_you_mean
 
 __all__ = ["Stage", "STAGE_KEYS", "HANDS_OVER", "TASK_OVERRIDES", "plan_stages", "legacy_stages", "copy_backbone"]
 
-STAGE_KEYS = {"model", "checkpoint", "trainer", "task", "callbacks", "root_callbacks", "hands_over", "test", "order"}
+STAGE_KEYS = {"model", "checkpoint", "trainer", "task", "data", "callbacks", "root_callbacks", "hands_over", "test", "order"}
 HANDS_OVER = ("teacher", "init", "backbone")
 TASK_OVERRIDES = ("lr", "optimizer", "scheduler", "warmup_fraction", "weight_decay", "label_smoothing", "momentum")
 
@@ -67,6 +71,7 @@ class Stage:
     checkpoint: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     task: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict)
     root_callbacks: bool = False
     hands_over: list[str] = field(default_factory=list)
@@ -91,10 +96,16 @@ def _check_stage(name: str, node: Any) -> dict[str, Any]:
     model = node.get("model")
     if model is not None and model != "previous" and not (isinstance(model, Mapping) and "name" in model):
         raise ConfigError(f"{key}.model={model!r} must be null (the run's model), 'previous' or a spec {{name: ..., ...}}.")
-    for option in ("trainer", "task", "callbacks"):
+    for option in ("trainer", "task", "data", "callbacks"):
         if node.get(option) is not None and not isinstance(node[option], Mapping):
             raise ConfigError(f"{key}.{option} must be a mapping, got {node[option]!r}.")
-    for option in node.get("task") or {}:
+    own_task = "_target_" in (node.get("task") or {})
+    if own_task and model == "previous":
+        raise ConfigError(f"{key}.task has a _target_ (a new task) but {key}.model='previous' continues the previous one; "
+                          "give one of them.")
+    if (node.get("data") or {}).get("_target_") is not None:
+        raise ConfigError(f"{key}.data overrides options of the run's data (e.g. label_fraction: 1.0); a _target_ is not allowed.")
+    for option in [] if own_task else node.get("task") or {}:
         if option not in TASK_OVERRIDES:
             raise ConfigError(f"unknown key {key}.task.{option}; valid keys: {list(TASK_OVERRIDES)}.{did_you_mean(option, TASK_OVERRIDES)}")
     hands = node.get("hands_over") or []
@@ -156,13 +167,14 @@ def plan_stages(c: Mapping[str, Any]) -> list[Stage]:
     for name, node in checked:
         model = node.get("model")
         stage = Stage(name=name, model=model, checkpoint=node.get("checkpoint"), trainer=dict(node.get("trainer") or {}),
-                      task=dict(node.get("task") or {}), callbacks=dict(node.get("callbacks") or {}),
+                      task=dict(node.get("task") or {}), data=dict(node.get("data") or {}), callbacks=dict(node.get("callbacks") or {}),
                       hands_over=node["hands_over"], test=bool(node.get("test", False)))
         if stage.continues and not plan:
             raise ConfigError(f"stages.{name}.model='previous': the first stage has no previous stage to continue.")
         if "teacher" in stage.hands_over and model is None and stage.checkpoint is None:
             raise ConfigError(f"stages.{name} hands over a teacher: give it a model spec (to train it here) or a checkpoint.")
-        stage.main = model is None and not main_seen and "teacher" not in stage.hands_over
+        # a stage with its own task (self-supervised pretraining) trains the run's model but is not the main stage
+        stage.main = model is None and not main_seen and "teacher" not in stage.hands_over and "_target_" not in stage.task
         main_seen = main_seen or stage.main
         stage.root_callbacks = bool(node["root_callbacks"]) if node.get("root_callbacks") is not None else stage.main
         plan.append(stage)
@@ -174,19 +186,15 @@ def plan_stages(c: Mapping[str, Any]) -> list[Stage]:
     return plan
 
 
-def copy_backbone(source: Any, target: Any) -> list[str]:
-    """Copy every tensor of ``source``'s state dict whose name and shape match into ``target``; return the names.
+def copy_backbone(source: Any, target: Any, option: str = "hands_over: backbone") -> list[str]:
+    """Copy ``source``'s backbone into ``target`` (every tensor but the head's); return the names copied.
 
-    How a pretrained encoder (self-supervised pretraining) reaches a model with a different head.
+    How a pretrained encoder (self-supervised pretraining) reaches a model with a different head:
+    :func:`lightning_eff.models.loading.load_backbone`, the same check as ``model.backbone_ckpt``.
 
     Raises:
-        ConfigError: nothing matches (the two models share no layer).
+        ConfigError: backbone tensors missing, unexpected or of another shape (named in the message).
     """
-    src = source.state_dict()
-    dst = target.state_dict()
-    copied = [k for k, v in src.items() if k in dst and dst[k].shape == v.shape]
-    if not copied:
-        raise ConfigError(f"hands_over: backbone: {type(source).__name__} and {type(target).__name__} share no tensor "
-                          "of the same name and shape; hand over 'init' or use the same architecture for the backbone.")
-    target.load_state_dict({k: src[k] for k in copied}, strict=False)
-    return copied
+    from lightning_eff.models.loading import load_backbone
+
+    return load_backbone(target, source, option)

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_eff.errors import ConfigError, did_you_mean
 
-__all__ = ["check_choice", "check_number", "check_int", "check_bool", "as_list"]
+__all__ = ["check_choice", "check_number", "check_int", "check_bool", "as_list", "build_node"]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -90,6 +90,40 @@ def as_list(name: str, value: Any, *, item: type | tuple[type, ...] | None = Non
                 want = item.__name__ if isinstance(item, type) else "/".join(t.__name__ for t in item)
                 raise ConfigError(f"{name}: item {v!r} must be a {want} ({type(v).__name__} given).")
     return items
+
+
+def build_node(node: Any, name: str) -> Any:
+    """An option that holds an object: a ``{_target_: dotted.path, **kwargs}`` mapping is built (its nested
+    ``_target_`` nodes first), a list is built item by item, anything else is returned as given.
+
+    Why here: datamodules and tasks receive plain dicts from the CLI (``OmegaConf.to_container``) and
+    objects from Python users; one function turns either into the object, with errors naming the option.
+
+    Example:
+        >>> build_node({"_target_": "fractions.Fraction", "numerator": 3, "denominator": 4}, "x")
+        Fraction(3, 4)
+
+    Raises:
+        ConfigError: the ``_target_`` cannot be imported or refuses its arguments.
+    """
+    import importlib
+
+    if isinstance(node, Mapping) and "_target_" in node:
+        kwargs = {k: build_node(v, f"{name}.{k}") for k, v in node.items() if k != "_target_"}
+        module_name, _, attr = str(node["_target_"]).rpartition(".")
+        try:
+            target = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"{name}._target_={node['_target_']!r} cannot be imported: {err}") from err
+        try:
+            return target(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from err
+        except TypeError as err:
+            raise ConfigError(f"{name}: {node['_target_']} refused its options {sorted(kwargs)}: {err}") from err
+    if isinstance(node, (list, tuple)):
+        return [build_node(v, f"{name}[{i}]") for i, v in enumerate(node)]
+    return node
 
 
 def _range(low, high, low_inc, high_inc) -> str:

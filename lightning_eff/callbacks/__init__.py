@@ -3,6 +3,7 @@ from lightning_eff.callbacks.checkpointing import ActivationCheckpointing
 from lightning_eff.callbacks.distillation import Distillation
 from lightning_eff.callbacks.export import Export
 from lightning_eff.callbacks.footprint import FootprintMonitor
+from lightning_eff.callbacks.knn import KNNMonitor
 from lightning_eff.callbacks.layout import ChannelsLast, Compile
 from lightning_eff.callbacks.progress import ProgressLog
 from lightning_eff.callbacks.pruning import Pruning
@@ -12,4 +13,4 @@ from lightning_eff.callbacks.quantization import (
 )
 from lightning_eff.callbacks.weight_only import WeightOnlyQuantization
 
-__all__ = ["ActivationCheckpointing", "ChannelsLast", "Compile", "Distillation", "Export", "FootprintMonitor", "PostTrainingQuantization", "ProgressLog", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]
+__all__ = ["ActivationCheckpointing", "ChannelsLast", "Compile", "Distillation", "Export", "FootprintMonitor", "KNNMonitor", "PostTrainingQuantization", "ProgressLog", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]

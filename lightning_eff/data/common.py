@@ -31,6 +31,7 @@ __all__ = [
     "seeded_permutation",
     "split_three",
     "take_limit",
+    "take_fraction",
     "resize_uint8",
     "BatchGatherDataset",
     "ImageTensorDataModule",
@@ -118,6 +119,35 @@ def take_limit(indices: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(indices[keep])
 
 
+def take_fraction(indices: np.ndarray, labels, fraction: float, seed: int) -> np.ndarray:
+    """Keep ``fraction`` of ``indices`` per class (at least one example of each class present), sorted.
+
+    Why stratified: with 1% of Fashion-MNIST's labels (550 images) a plain random subset can be
+    ±25% off in a class's count; label-efficiency numbers (SimCLR's 1% / 10% protocol) are
+    measured on class-balanced subsets, so every run of a sweep sees the same class mix.
+    """
+    labels = np.asarray(labels)
+    if fraction >= 1.0:
+        return indices
+    keep = []
+    for c in np.unique(labels):
+        members = indices[labels == c]
+        n = max(1, int(round(fraction * len(members))))
+        keep.append(members[seeded_permutation(len(members), seed + 104729 + int(c))[:n]])
+    return np.sort(np.concatenate(keep)) if keep else indices
+
+
+def check_label_options(limit_train, label_fraction) -> tuple[int | None, float | None]:
+    """``data.limit_train`` (a count) and ``data.label_fraction`` (a fraction in (0, 1]) are alternatives."""
+    limit = check_int("data.limit_train", limit_train, low=1, allow_none=True)
+    fraction = check_number("data.label_fraction", label_fraction, low=0.0, low_inclusive=False, high=1.0,
+                            allow_none=True)
+    if limit is not None and fraction is not None:
+        raise ConfigError(f"data.limit_train={limit} and data.label_fraction={fraction} both choose the training "
+                          "subset; give one (label_fraction keeps that share of every class).")
+    return limit, None if fraction is None else float(fraction)
+
+
 def resize_uint8(images: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     """Resize a ``uint8 [N,C,H,W]`` tensor to ``size x size`` once, bilinearly, in chunks (bounded memory)."""
     if images.shape[-2:] == (size, size):
@@ -144,11 +174,14 @@ class BatchGatherDataset(Dataset):
         channels: output channels; a 1-channel store is expanded to 3 per batch (no 3x memory).
         mean, std: per-output-channel normalisation, or ``None`` for plain ``[0, 1]`` scaling.
         augment: random crop (zero padding ``pad``) + horizontal flip per sample.
+        transform: a :class:`~lightning_eff.learning.augment.vision.ImageAugment` (training sets only):
+            its ``images`` run on the uint8 batch, its ``normalized`` on the float batch.
     """
 
-    def __init__(self, images, labels, *, channels, mean=None, std=None, augment=False, pad=4):
+    def __init__(self, images, labels, *, channels, mean=None, std=None, augment=False, pad=4, transform=None):
         self.images, self.labels = images, labels
         self.channels, self.augment, self.pad = channels, augment, pad
+        self.train_transform = transform
         shape = (1, channels, 1, 1)
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(shape)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(shape)
@@ -160,9 +193,17 @@ class BatchGatherDataset(Dataset):
         return index
 
     def transform(self, x: torch.Tensor, augment: bool | None = None) -> torch.Tensor:
-        """uint8 batch -> float32 model input (augment if enabled, scale, channel-expand, normalise)."""
+        """uint8 batch -> float32 model input (augment if enabled, scale, channel-expand, normalise).
+
+        ``augment=False`` (``sample_inputs``, the pseudo-label pool) skips the built-in crop/flip and the
+        ``train_transform`` alike.
+        """
+        randomize = augment is None or augment
+        tf = self.train_transform if randomize else None
         if self.augment if augment is None else augment:
             x = random_crop_flip(x, self.pad)
+        if tf is not None:
+            x = tf.images(x)
         x = x.float()
         if self.mean is None:
             x = x.div_(255.0)
@@ -173,7 +214,8 @@ class BatchGatherDataset(Dataset):
             x = x.div_(255.0).sub_(self.mean).div_(self.std)
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
-        return x.contiguous()
+        x = x.contiguous()
+        return x if tf is None else tf.normalized(x)
 
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -216,16 +258,21 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
     ``num_classes``, ``class_names``, ``input_shape`` and :meth:`sample_inputs`.
     """
 
-    def __init__(self, *, batch_size, eval_batch_size, seed, augment, limit_train, limit_val, limit_test, num_workers):
+    def __init__(self, *, batch_size, eval_batch_size, seed, augment, limit_train, limit_val, limit_test, num_workers,
+                 label_fraction=None, train_transform=None):
         super().__init__()
         self.batch_size = check_int("data.batch_size", batch_size, low=1)
         self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, low=1, allow_none=True) or self.batch_size
         self.seed = check_int("data.seed", seed, low=0)
         self.augment = check_bool("data.augment", augment)
-        self.limit_train = check_int("data.limit_train", limit_train, low=1, allow_none=True)
+        self.limit_train, self.label_fraction = check_label_options(limit_train, label_fraction)
         self.limit_val = check_int("data.limit_val", limit_val, low=1, allow_none=True)
         self.limit_test = check_int("data.limit_test", limit_test, low=1, allow_none=True)
         self.num_workers = check_int("data.num_workers", num_workers, low=0)
+        from lightning_eff.learning.augment.vision import check_image_transform
+
+        # training images only, per sample (uint8) and per batch (after normalisation); see learning/augment/vision.py
+        self.train_transform = check_image_transform("data.train_transform", train_transform)
         self._ready = False
         self._class_names: list[str] | None = None  # set in __init__ when static, else by _load
         self._input_shape: tuple[int, int, int] = (0, 0, 0)  # (C, H, W) set by each subclass __init__
@@ -300,6 +347,7 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
                 )
             pool = copy.copy(self.train_set)
             pool.images, pool.labels, pool.augment = images, torch.full((len(images),), -1, dtype=torch.long), False
+            pool.train_transform = None
             self._pool_set = pool
         return self._pool_set
 
@@ -316,10 +364,17 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
         return len(train)
 
     # --- helpers for subclasses ------------------------------------------------------------
+    def _keep_train(self, indices: np.ndarray, labels) -> np.ndarray:
+        """The training subset: ``limit_train`` examples (random) or ``label_fraction`` of each class."""
+        if self.label_fraction is not None:
+            return take_fraction(indices, labels, self.label_fraction, self.seed)
+        return take_limit(indices, self.limit_train, self.seed)
+
     def _make_set(self, images, labels, idx, *, channels, mean, std, train: bool, pad: int) -> BatchGatherDataset:
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         return BatchGatherDataset(
-            images[idx_t], labels[idx_t], channels=channels, mean=mean, std=std, augment=train and self.augment, pad=pad
+            images[idx_t], labels[idx_t], channels=channels, mean=mean, std=std, augment=train and self.augment, pad=pad,
+            transform=self.train_transform if train else None,
         )
 
     def _loader(self, ds: BatchGatherDataset, batch_size: int, *, shuffle: bool, indexed: bool = False) -> DataLoader:
@@ -343,10 +398,15 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
     :meth:`texts`, :meth:`labels`, :meth:`sample_inputs`, ``split_indices``.
     ``bucket_by_length=True`` draws training batches of similar lengths
     (:class:`~lightning_eff.data.sampling.LengthBucketSampler`, seeded by ``seed``).
+    ``train_transform`` augments the raw strings of each training batch before tokenization
+    (:func:`~lightning_eff.learning.augment.text.check_text_transform` says what it accepts); it is
+    fitted (when it has ``fit``) on the training texts, and val/test, ``sample_inputs`` and the
+    pseudo-label pool never see it.
     """
 
     def __init__(self, *, tokenizer, vocab_size, max_length, batch_size, eval_batch_size, seed,
-                 limit_train, limit_val, limit_test, cache_dir, num_workers, bucket_by_length=False):
+                 limit_train, limit_val, limit_test, cache_dir, num_workers, bucket_by_length=False, label_fraction=None,
+                 train_transform=None):
         super().__init__()
         from .tokenizers import check_tokenizer_option
 
@@ -356,13 +416,17 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         self.batch_size = check_int("data.batch_size", batch_size, low=1)
         self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, low=1, allow_none=True) or self.batch_size
         self.seed = check_int("data.seed", seed, low=0)
-        self.limit_train = check_int("data.limit_train", limit_train, low=1, allow_none=True)
+        self.limit_train, self.label_fraction = check_label_options(limit_train, label_fraction)
         self.limit_val = check_int("data.limit_val", limit_val, low=1, allow_none=True)
         self.limit_test = check_int("data.limit_test", limit_test, low=1, allow_none=True)
         self.cache_dir = check_path("data.cache_dir", cache_dir, allow_none=True)
         self.num_workers = check_int("data.num_workers", num_workers, low=0)
         # training batches of similar lengths (LengthBucketSampler): less padding, same epoch content
         self.bucket_by_length = check_bool("data.bucket_by_length", bucket_by_length)
+        from lightning_eff.learning.augment.text import check_text_transform
+
+        # list[str] -> list[str] on the raw strings of training batches only; see learning/augment/text.py
+        self.train_transform = check_text_transform("data.train_transform", train_transform)
         self.tokenizer = None
         self._ready = False
         # training batches as IndexedBatch(index, batch) (offline distillation, pseudo-labels)
@@ -384,7 +448,10 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         limits = {"train": self.limit_train, "val": self.limit_val, "test": self.limit_test}
         self.split_indices = getattr(self, "split_indices", {})
         for name, (texts, labels) in splits.items():
-            keep = take_limit(np.arange(len(texts)), limits[name], self.seed)
+            if name == "train" and self.label_fraction is not None:
+                keep = take_fraction(np.arange(len(texts)), labels, self.label_fraction, self.seed)
+            else:
+                keep = take_limit(np.arange(len(texts)), limits[name], self.seed)
             self._data[name] = ([texts[i] for i in keep], [int(labels[i]) for i in keep])
             if name == "train":
                 self._pool_texts = [texts[i] for i in np.setdiff1d(np.arange(len(texts)), keep)]
@@ -397,7 +464,11 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
             self.tokenizer_spec, train_texts=splits["train"][0], vocab_size=self.tokenizer_vocab_size,
             max_length=self.max_length, cache_dir=self.cache_dir,
         )
-        self.datasets = {k: TextDataset(t, y, self.tokenizer, self.max_length) for k, (t, y) in self._data.items()}
+        if hasattr(self.train_transform, "fit"):  # e.g. SwitchOut's vocabulary: the same training texts as the tokenizer's
+            self.train_transform.fit(splits["train"][0])
+        self.datasets = {k: TextDataset(t, y, self.tokenizer, self.max_length,
+                                        transform=self.train_transform if k == "train" else None)
+                         for k, (t, y) in self._data.items()}
         self._ready = True
 
     @property
@@ -451,7 +522,8 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
             raise ConfigError(f"{len(idx)} pool indices but {len(new_labels)} labels.")
         texts, ys = self._data["train"]
         self._data["train"] = (texts + [self._pool_texts[i] for i in idx], ys + new_labels)
-        self.datasets["train"] = TextDataset(*self._data["train"], self.tokenizer, self.max_length)
+        self.datasets["train"] = TextDataset(*self._data["train"], self.tokenizer, self.max_length,
+                                             transform=self.train_transform)
         return len(self._data["train"][0])
 
     def sample_inputs(self, n: int = 1) -> dict:

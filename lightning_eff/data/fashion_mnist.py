@@ -111,6 +111,11 @@ class FashionMNISTDataModule(ImageTensorDataModule):
         augment: random crop (2-4 px zero padding, scaled with image size) + horizontal flip,
             training batches only.
         limit_train, limit_val, limit_test: keep a deterministic subset of that many examples.
+        label_fraction: instead of ``limit_train``, keep this fraction (0, 1] of every class of the training
+            split (label-efficiency runs: 0.01, 0.1, 1.0); the rest forms the unlabeled pool.
+        train_transform: augmentation of the training images (an
+            :class:`~lightning_eff.learning.augment.vision.ImageAugment`, a ``_target_`` node of one, or a
+            list of ops); validation and test images are never transformed.
         num_workers: DataLoader workers (0 is fastest here: batches are a few tensor ops).
 
     Raises:
@@ -133,12 +138,15 @@ class FashionMNISTDataModule(ImageTensorDataModule):
         limit_val: int | None = None,
         limit_test: int | None = None,
         num_workers: int = 0,
+        label_fraction: float | None = None,
+        train_transform=None,
     ):
         super().__init__(
             batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, augment=augment,
             limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, num_workers=num_workers,
+            label_fraction=label_fraction, train_transform=train_transform,
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["train_transform"])
         self.root = check_path("data.root", root, allow_none=True)
         self.val_size = check_int("data.val_size", val_size, low=0, high=59_999)
         self.resize = check_int("data.resize", resize, low=8, high=512, allow_none=True)
@@ -158,7 +166,7 @@ class FashionMNISTDataModule(ImageTensorDataModule):
             raise ConfigError(f"data.val_size={self.val_size} must be below the {len(xtr)} training images in {folder}.")
         train_idx, val_idx, _ = split_three(len(xtr), self.val_size, 0, self.seed)
         test_idx = np.arange(len(xte))
-        kept = take_limit(train_idx, self.limit_train, self.seed)
+        kept = self._keep_train(train_idx, ytr[torch.as_tensor(train_idx, dtype=torch.long)].numpy())
         pool_idx = np.setdiff1d(train_idx, kept)  # left out by limit_train: the pseudo-label pool
         train_idx = kept
         val_idx = take_limit(val_idx, self.limit_val, self.seed)

@@ -3,13 +3,13 @@ an image folder (``class/xxx.png``), CIFAR-10 in its python-pickle format, and C
 """
 from __future__ import annotations
 
-import functools
-
 import csv
+import functools
 import io
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ class ImageFolderDataModule(ImageTensorDataModule):
         image_size: every image is resized to ``image_size x image_size`` once at load time.
         channels: 1 (grey, ``"L"``) or 3 (``"RGB"``).
         val_fraction, test_fraction: seeded split fractions (for splits without their folder).
-        seed, batch_size, eval_batch_size, normalize, augment, limit_*, num_workers: as in
-            :class:`~lightning_eff.data.FashionMNISTDataModule`.
+        seed, batch_size, eval_batch_size, normalize, augment, limit_*, num_workers, label_fraction,
+            train_transform: as in :class:`~lightning_eff.data.FashionMNISTDataModule`.
 
     Raises:
         ConfigError: an option is invalid. DataNotFoundError: at :meth:`setup`, no images found.
@@ -62,10 +62,12 @@ class ImageFolderDataModule(ImageTensorDataModule):
     def __init__(self, root: str, image_size: int = 32, channels: int = 3, val_fraction: float = 0.1,
                  test_fraction: float = 0.1, seed: int = 0, batch_size: int = 64, eval_batch_size: int | None = None,
                  normalize: bool = True, augment: bool = False, limit_train: int | None = None,
-                 limit_val: int | None = None, limit_test: int | None = None, num_workers: int = 0):
+                 limit_val: int | None = None, limit_test: int | None = None, num_workers: int = 0,
+                 label_fraction: float | None = None, train_transform=None):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, augment=augment,
-                         limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, num_workers=num_workers)
-        self.save_hyperparameters()
+                         limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, num_workers=num_workers,
+                         label_fraction=label_fraction, train_transform=train_transform)
+        self.save_hyperparameters(ignore=["train_transform"])
         self.root = check_path("data.root", root)
         self.image_size = check_int("data.image_size", image_size, low=4, high=1024)
         self.channels = check_choice("data.channels", channels, [1, 3])
@@ -115,8 +117,9 @@ class ImageFolderDataModule(ImageTensorDataModule):
             if has[s]:
                 xs, ys, _ = self._read_folder(root / s, mapping)
                 parts[s] = (xs, ys, np.arange(len(ys)))
-        limits = {"train": self.limit_train, "val": self.limit_val, "test": self.limit_test}
-        parts = {k: (a, b, take_limit(i, limits[k], self.seed)) for k, (a, b, i) in parts.items()}
+        limits = {"val": self.limit_val, "test": self.limit_test}
+        parts = {k: (a, b, self._keep_train(i, b[torch.as_tensor(i, dtype=torch.long)].numpy()) if k == "train"
+                     else take_limit(i, limits[k], self.seed)) for k, (a, b, i) in parts.items()}
         self.split_indices = {k: i for k, (_, _, i) in parts.items()}
         mean = std = None
         if self.normalize:
@@ -162,7 +165,8 @@ class CIFAR10DataModule(ImageTensorDataModule):
         root: folder with ``data_batch_1..5``, ``test_batch``, ``batches.meta`` (directly or in
             ``cifar-10-batches-py/``).
         batch_size, eval_batch_size, val_size, seed, normalize, augment (4 px crop + flip),
-            limit_*, num_workers: as in :class:`~lightning_eff.data.FashionMNISTDataModule`.
+            limit_*, num_workers, label_fraction, train_transform: as in
+            :class:`~lightning_eff.data.FashionMNISTDataModule`.
 
     Raises:
         ConfigError: an option is invalid. DataNotFoundError: at :meth:`setup`, files missing
@@ -171,10 +175,12 @@ class CIFAR10DataModule(ImageTensorDataModule):
 
     def __init__(self, root: str, batch_size: int = 128, eval_batch_size: int | None = None, val_size: int = 5000,
                  seed: int = 0, normalize: bool = True, augment: bool = False, limit_train: int | None = None,
-                 limit_val: int | None = None, limit_test: int | None = None, num_workers: int = 0):
+                 limit_val: int | None = None, limit_test: int | None = None, num_workers: int = 0,
+                 label_fraction: float | None = None, train_transform=None):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, augment=augment,
-                         limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, num_workers=num_workers)
-        self.save_hyperparameters()
+                         limit_train=limit_train, limit_val=limit_val, limit_test=limit_test, num_workers=num_workers,
+                         label_fraction=label_fraction, train_transform=train_transform)
+        self.save_hyperparameters(ignore=["train_transform"])
         self.root = check_path("data.root", root)
         self.val_size = check_int("data.val_size", val_size, low=0)
         self.normalize = check_bool("data.normalize", normalize)
@@ -203,7 +209,8 @@ class CIFAR10DataModule(ImageTensorDataModule):
         if self.val_size >= len(ytr):
             raise ConfigError(f"data.val_size={self.val_size} must be below the {len(ytr)} training images.")
         train, val, _ = split_three(len(ytr), self.val_size, 0, self.seed)
-        kept, val = take_limit(train, self.limit_train, self.seed), take_limit(val, self.limit_val, self.seed)
+        kept = self._keep_train(train, ytr[torch.as_tensor(train, dtype=torch.long)].numpy())
+        val = take_limit(val, self.limit_val, self.seed)
         pool, train = np.setdiff1d(train, kept), kept  # left out by limit_train: the pseudo-label pool
         test = take_limit(np.arange(len(yte)), self.limit_test, 0)
         self.split_indices = {"train": train, "val": val, "test": test}
@@ -267,7 +274,9 @@ class TextFileDataModule(TextClassificationDataModule):
             are carved out of it by ``val_fraction``/``test_fraction`` (seeded).
         text_field, label_field: column / key names.
         tokenizer, vocab_size, max_length, batch_size, eval_batch_size, seed, limit_*, cache_dir,
-            num_workers, bucket_by_length: as in :class:`~lightning_eff.data.WordNetSupersenseDataModule`.
+            num_workers, bucket_by_length, label_fraction, train_transform: as in
+            :class:`~lightning_eff.data.WordNetSupersenseDataModule` (``train_transform``: text augmentation of
+            the raw training strings before tokenization; val/test never augmented).
 
     Raises:
         ConfigError: an option is invalid, a field is missing, or val/test has labels train lacks.
@@ -279,12 +288,14 @@ class TextFileDataModule(TextClassificationDataModule):
                  max_length: int = 128, batch_size: int = 64, eval_batch_size: int | None = None,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
                  limit_val: int | None = None, limit_test: int | None = None, cache_dir: str | None = None,
-                 num_workers: int = 0, bucket_by_length: bool = False):
+                 num_workers: int = 0, bucket_by_length: bool = False, label_fraction: float | None = None,
+                 train_transform: Any = None):
         super().__init__(tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, seed=seed, limit_train=limit_train, limit_val=limit_val,
                          limit_test=limit_test, cache_dir=cache_dir, num_workers=num_workers,
-                         bucket_by_length=bucket_by_length)
-        self.save_hyperparameters()
+                         bucket_by_length=bucket_by_length, label_fraction=label_fraction,
+                         train_transform=train_transform)
+        self.save_hyperparameters(ignore=["train_transform"])
         self.paths = {"train": check_path("data.train_path", train_path), "val": check_path("data.val_path", val_path, allow_none=True),
                       "test": check_path("data.test_path", test_path, allow_none=True)}
         for k, p in self.paths.items():

@@ -201,11 +201,18 @@ class TextDataset(Dataset):
 
     With a tokenizer, all texts are encoded once up front (batched Rust call, truncated to
     ``max_length`` including special tokens), and a batch is padded to its longest member only.
+
+    ``transform`` (training sets only): a ``list[str] -> list[str]`` text augmentation
+    (:class:`~lightning_eff.learning.augment.text.TextAugment`) that :meth:`collate` applies to the raw
+    strings of each batch; with a tokenizer the augmented strings are encoded again, with the same
+    truncation and padding, so the batch has the same keys and dtypes. :meth:`inputs` (``sample_inputs``)
+    never augments. Labels are gathered by index, so augmentation cannot reorder or change them.
     """
 
-    def __init__(self, texts: list[str], labels: list[int], tokenizer=None, max_length: int = 64):
+    def __init__(self, texts: list[str], labels: list[int], tokenizer=None, max_length: int = 64, transform=None):
         self.texts, self.labels_t = texts, torch.as_tensor(labels, dtype=torch.long)
         self.tokenizer, self.ids = tokenizer, None  # with a tokenizer: per-text token counts
+        self.max_length, self.transform = max_length, transform
         if tokenizer is not None:
             enc = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
                             return_token_type_ids=False) if texts else {"input_ids": []}
@@ -222,21 +229,37 @@ class TextDataset(Dataset):
     def __getitem__(self, index: int) -> int:
         return index
 
-    def inputs(self, indices: Sequence[int]) -> dict:
-        """The model-input part of a batch (no labels)."""
-        if self.ids is None:
-            return {"text": [self.texts[i] for i in indices]}
-        lengths = [self.ids[i] for i in indices]
+    def _pad(self, rows: Sequence[Sequence[int]]) -> dict:
+        """Token id rows -> ``input_ids``/``attention_mask`` int64 ``[B, longest]`` on the tokenizer's padding side."""
+        lengths = [len(r) for r in rows]
         longest = max(lengths)
-        input_ids = np.full((len(indices), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(indices), longest), dtype=np.int64)
-        for row, (i, n) in enumerate(zip(indices, lengths)):
+        input_ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for row, (ids, n) in enumerate(zip(rows, lengths, strict=True)):
             span = slice(longest - n, longest) if self.left else slice(0, n)
-            input_ids[row, span] = self.flat[self.offsets[i] : self.offsets[i] + n]
+            input_ids[row, span] = ids
             mask[row, span] = 1
         return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
 
+    def inputs(self, indices: Sequence[int]) -> dict:
+        """The model-input part of a batch (no labels, never augmented)."""
+        if self.ids is None:
+            return {"text": [self.texts[i] for i in indices]}
+        return self._pad([self.flat[self.offsets[i] : self.offsets[i] + self.ids[i]] for i in indices])
+
+    def augmented_inputs(self, indices: Sequence[int]) -> dict:
+        """Model inputs of the ``transform``-ed texts of ``indices`` (tokenized now, like the stored ones)."""
+        texts = self.transform([self.texts[i] for i in indices])
+        if len(texts) != len(indices):
+            raise ConfigError(f"data.train_transform returned {len(texts)} texts for a batch of {len(indices)}; "
+                              "it must map list[str] -> list[str] of the same length.")
+        if self.ids is None:
+            return {"text": list(texts)}
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, return_attention_mask=False,
+                             return_token_type_ids=False)
+        return self._pad(enc["input_ids"])
+
     def collate(self, indices: list[int]) -> dict:
-        batch = self.inputs(indices)
+        batch = self.inputs(indices) if self.transform is None else self.augmented_inputs(indices)
         batch["labels"] = self.labels_t[torch.as_tensor(indices, dtype=torch.long)]
         return batch

@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_eff.errors import ConfigError, DataNotFoundError, did_you_mean
 from lightning_eff.validation import check_bool
@@ -97,11 +98,18 @@ class WordNetSupersenseDataModule(TextClassificationDataModule):
         seed: split seed (same seed -> same indices in every process).
         include_lemmas: prefix the gloss with ``"lemma1, lemma2: "`` (easier: lemmas carry the sense).
         limit_train, limit_val, limit_test: deterministic subsets of that many examples.
+        label_fraction: instead of ``limit_train``, keep this fraction (0, 1] of every class of the training
+            split (label-efficiency runs); the rest forms the unlabeled pool.
         cache_dir: where trained WordPiece tokenizers are cached (default ``~/.cache/lightning_eff/tokenizers``).
         num_workers: DataLoader workers.
         bucket_by_length: training batches of similar token counts (word counts for ``"raw"``),
             shuffled per epoch (:class:`~lightning_eff.data.sampling.LengthBucketSampler`): less
             padding for BERT/LSTM/QRNN models. Val/test loaders are unaffected.
+        train_transform: text augmentation of the training batches, applied to the raw strings before
+            tokenization (so it works for ``"raw"`` and tokenizers alike): ``None``, a
+            :class:`~lightning_eff.learning.augment.text.TextAugment`, a ``{_target_: ...TextAugment, ops: [...]}``
+            node, a list of ops, or any ``list[str] -> list[str]``. Fitted on the training texts at setup;
+            val/test, ``sample_inputs`` and the pseudo-label pool are never augmented; labels are untouched.
 
     Raises:
         ConfigError: an option is invalid (named ``data.<arg>``).
@@ -127,17 +135,20 @@ class WordNetSupersenseDataModule(TextClassificationDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         bucket_by_length: bool = False,
+        label_fraction: float | None = None,
+        train_transform: Any = None,
     ):
         super().__init__(
             tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
             eval_batch_size=eval_batch_size, seed=seed, limit_train=limit_train, limit_val=limit_val,
             limit_test=limit_test, cache_dir=cache_dir, num_workers=num_workers, bucket_by_length=bucket_by_length,
+            label_fraction=label_fraction, train_transform=train_transform,
         )
         self.root = check_path("data.root", root, allow_none=True)
         self.pos = _check_pos(pos)
         self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction)
         self.include_lemmas = check_bool("data.include_lemmas", include_lemmas)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["train_transform"])  # an object (ops, fitted vocabulary), not a hyperparameter
         self._lex_ids = [i for i, name in enumerate(LEXNAMES) if name.split(".")[0] in self.pos]
 
     @property

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning_eff.errors import ConfigError, did_you_mean
 __all__ = ["register_model", "create_model", "list_models", "model_signature"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+log = logging.getLogger(__name__)
 
 
 def register_model(name: str | None = None) -> Callable:
@@ -37,9 +39,20 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: Options every registered model accepts (handled here, not by the factories).
+GENERIC_OPTIONS = ("backbone_ckpt",)
+
+
 def model_signature(name: str) -> inspect.Signature:
-    """The keyword arguments the factory of ``name`` accepts (used by config validation)."""
-    return inspect.signature(_get(name))
+    """The keyword arguments the factory of ``name`` accepts (used by config validation), with
+    :data:`GENERIC_OPTIONS`: ``backbone_ckpt`` (a pretrained backbone, see :func:`create_model`)."""
+    sig = inspect.signature(_get(name))
+    extra = [inspect.Parameter(o, inspect.Parameter.KEYWORD_ONLY, default=None) for o in GENERIC_OPTIONS
+             if o not in sig.parameters]
+    params = list(sig.parameters.values())
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD] + extra + var_kw
+    return sig.replace(parameters=params)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -50,14 +63,21 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """
     fn = _get(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    backbone = kwargs.pop("backbone_ckpt", None)
     params = inspect.signature(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         for key in kwargs:
             if key not in params:
-                raise ConfigError(
-                    f"model {name!r} has no option {key!r}; valid options: {sorted(params)}.{did_you_mean(key, params)}"
-                )
-    return fn(**kwargs)
+                valid = sorted([*params, *GENERIC_OPTIONS])
+                raise ConfigError(f"model {name!r} has no option {key!r}; valid options: {valid}.{did_you_mean(key, valid)}")
+    model = fn(**kwargs)
+    if backbone is not None:
+        # self-supervised pretraining -> fine-tuning: the pretrained backbone, a fresh head
+        from lightning_eff.models.loading import load_backbone
+
+        copied = load_backbone(model, backbone, "model.backbone_ckpt")
+        log.info("model %s: %d tensors of the backbone loaded from %s", name, len(copied), backbone)
+    return model
 
 
 def _get(name: str) -> Callable[..., nn.Module]:

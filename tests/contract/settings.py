@@ -278,6 +278,10 @@ def _channels_last_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trai
     assert not cb._handles, "the input hook is removed when training ends"
 
 
+def _knn_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
+    assert 0.0 <= cb.last["val"] <= 1.0 and "val/knn_acc" in trainer.callback_metrics
+
+
 def _progress_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
     assert cb._fit_start is not None and cb._epoch_start is not None  # its lines: tests/test_progress.py
 
@@ -452,6 +456,14 @@ ENTRIES: list[Entry] = [
         second_reason="one network has one memory layout: a second ChannelsLast is refused",
         refused_second={"inputs": False},
         refused_match="already converted",
+    ),
+    Entry(
+        name="KNNMonitor",
+        kwargs=dict(bank_size=32, query_size=16, k=3, module_attr="net"),  # UserNet: the input of its last Linear
+        bad=({"k": 0}, "k"),
+        after_fit=_knn_after_fit,
+        second={"k": 5},
+        outputs=lambda cb, trainer: dict(cb.last),  # the last probe's accuracy: the same after a resume
     ),
     Entry(
         name="ProgressLog",

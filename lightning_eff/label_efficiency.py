@@ -1,0 +1,129 @@
+"""Label efficiency: accuracy vs the fraction of labels, from scratch vs from a pretrained backbone.
+
+Reads the ``results.json`` of every run under a Hydra multirun folder (or any folders given), groups
+them by ``model.backbone_ckpt`` (``null`` = from scratch, else the checkpoint's name) and
+``data.label_fraction``, and writes ``label_efficiency.md`` (a table, mean over seeds) and
+``label_efficiency.png`` (accuracy vs label fraction, log x) next to them. The sweep it reads::
+
+    python train.py -m +recipe=mobilenet_finetune data.label_fraction=0.01,0.1,1.0 \\
+        model.backbone_ckpt=null,outputs/<run>/simclr/simclr.ckpt
+    python -m lightning_eff.label_efficiency multirun/<date>/<time>
+
+Example:
+    >>> rows = [{"arm": "scratch", "fraction": 0.01, "acc": 0.70}, {"arm": "simclr", "fraction": 0.01, "acc": 0.78}]
+    >>> table = summarize(rows)
+    >>> round(table[0.01]["simclr"] - table[0.01]["scratch"], 2)
+    0.08
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lightning_eff.errors import ConfigError
+
+__all__ = ["collect", "summarize", "markdown", "plot", "main"]
+
+
+def _arm(backbone: Any) -> str:
+    if not backbone:
+        return "scratch"
+    path = Path(str(backbone))
+    return path.stem if path.stem not in ("last", "model") else path.parent.name
+
+
+def collect(folders: Iterable[str | Path], metric: str = "test/acc") -> list[dict[str, Any]]:
+    """One row per ``results.json`` found under ``folders``: ``{"arm", "fraction", "acc", "seed", "path"}``."""
+    rows = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("results.json")):
+            data = json.loads(path.read_text())
+            cfg = data.get("config") or {}
+            fraction = (cfg.get("data") or {}).get("label_fraction") or 1.0
+            if metric not in (data.get("metrics") or {}):
+                continue
+            rows.append({"arm": _arm((cfg.get("model") or {}).get("backbone_ckpt")), "fraction": float(fraction),
+                         "acc": float(data["metrics"][metric]), "seed": cfg.get("seed"), "path": str(path)})
+    if not rows:
+        raise ConfigError(f"no results.json with {metric!r} under {[str(f) for f in folders]}; run the multirun first.")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[float, dict[str, float]]:
+    """``{fraction: {arm: mean accuracy}}`` (mean over seeds), fractions ascending."""
+    groups: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[r["fraction"]][r["arm"]].append(r["acc"])
+    return {f: {arm: statistics.mean(v) for arm, v in sorted(arms.items())} for f, arms in sorted(groups.items())}
+
+
+def markdown(table: dict[float, dict[str, float]]) -> str:
+    """The table as Markdown: one row per label fraction, one column per arm, plus each arm's gain over scratch."""
+    arms = sorted({a for row in table.values() for a in row}, key=lambda a: (a != "scratch", a))
+    others = [a for a in arms if a != "scratch"]
+    head = ["labels", *arms, *(f"{a} − scratch" for a in others if "scratch" in arms)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fraction, row in table.items():
+        cells = [f"{fraction:.0%}", *(f"{row[a]:.2%}" if a in row else "–" for a in arms)]
+        if "scratch" in arms:
+            cells += [f"{(row[a] - row['scratch']) * 100:+.1f} pt" if a in row and "scratch" in row else "–" for a in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(table: dict[float, dict[str, float]], path: str | Path, title: str = "Label efficiency") -> Path:
+    """Accuracy vs label fraction (log x), one line per arm, saved as a PNG (needs matplotlib: the ``plots`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ConfigError("label_efficiency.plot needs matplotlib: pip install -e '.[plots]'") from err
+    arms = sorted({a for row in table.values() for a in row}, key=lambda a: (a != "scratch", a))
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for arm in arms:
+        xs = [f for f in table if arm in table[f]]
+        ax.plot(xs, [table[f][arm] * 100 for f in xs], marker="o", label=arm)
+    ax.set_xscale("log")
+    ax.set_xticks(list(table), [f"{f:.0%}" for f in table])
+    ax.set_xlabel("labelled training examples")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_eff.label_efficiency", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", help="multirun folder(s) holding results.json files")
+    parser.add_argument("--metric", default="test/acc")
+    parser.add_argument("--out", default=None, help="folder for label_efficiency.md/.png (default: the first folder)")
+    parser.add_argument("--title", default="Label efficiency")
+    args = parser.parse_args(argv)
+    table = summarize(collect(args.folders, args.metric))
+    out = Path(args.out or args.folders[0])
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(table)
+    (out / "label_efficiency.md").write_text(text + "\n")
+    print(text)
+    try:
+        print(f"plot: {plot(table, out / 'label_efficiency.png', args.title)}")
+    except ConfigError as err:
+        print(f"no plot: {err}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

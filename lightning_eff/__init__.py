@@ -13,6 +13,7 @@ from lightning_eff.callbacks import (
     Distillation,
     Export,
     FootprintMonitor,
+    KNNMonitor,
     PostTrainingQuantization,
     Pruning,
     QuantizationAwareTraining,
@@ -47,7 +48,7 @@ from lightning_eff.measure import (
 )
 from lightning_eff.models import create_model, list_models, register_model
 from lightning_eff.strategies import DDPStrategy
-from lightning_eff.tasks import ClassificationTask
+from lightning_eff.tasks import ClassificationTask, MLMTask, RotationTask, SimCLRTask
 from lightning_eff.training.checkpointing import apply_activation_checkpointing, remove_activation_checkpointing
 from lightning_eff.training.ddp import register_comm_hook
 from lightning_eff.training.precision import resolve_precision
@@ -69,10 +70,14 @@ __all__ = [
     "FashionMNISTDataModule",
     "FootprintMonitor",
     "ImageFolderDataModule",
+    "KNNMonitor",
+    "MLMTask",
     "NoEffectWarning",
     "PostTrainingQuantization",
     "Pruning",
     "QuantizationAwareTraining",
+    "RotationTask",
+    "SimCLRTask",
     "TextFileDataModule",
     "WeightOnlyQuantization",
     "WordNetSupersenseDataModule",

@@ -195,6 +195,6 @@ def copy_backbone(source: Any, target: Any, option: str = "hands_over: backbone"
     Raises:
         ConfigError: backbone tensors missing, unexpected or of another shape (named in the message).
     """
-    from lightning_eff.models.loading import load_backbone
+    from lightning_eff.models.backbone import load_backbone
 
     return load_backbone(target, source, option)

@@ -259,3 +259,15 @@ def test_batch_gather_dataset_applies_the_transform_to_train_batches_only():
     x, y = ds.collate(list(range(8)))
     assert torch.equal(x, imgs.flip(-1).float() / 255) and torch.equal(y, labels)
     assert torch.equal(ds.transform(imgs, augment=False), imgs.float() / 255)
+
+
+def test_offline_distillation_refuses_mixing_and_warns_on_augmented_data(tmp_path):
+    from lightning_eff.callbacks import Distillation
+
+    task = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}, mixup={"cutmix_alpha": 1.0})
+    teacher = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}).model
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.arange(8))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Distillation(teacher=teacher, cache=str(tmp_path / "c.pt"))])
+    with pytest.raises(ConfigError, match="task.mixup"):
+        trainer.fit(task, torch.utils.data.DataLoader(data, batch_size=4))

@@ -22,7 +22,7 @@ from lightning_eff.learning.ssl.contrastive import (
     rotate_batch,
 )
 from lightning_eff.models import create_model
-from lightning_eff.models.loading import head_prefixes, load_backbone
+from lightning_eff.models.backbone import head_prefixes, load_backbone
 from lightning_eff.tasks import ClassificationTask, RotationTask, SimCLRTask
 
 TINY = {"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}

@@ -269,7 +269,7 @@ class ImageTensorDataModule(L.LightningDataModule, abc.ABC):
         self.limit_val = check_int("data.limit_val", limit_val, low=1, allow_none=True)
         self.limit_test = check_int("data.limit_test", limit_test, low=1, allow_none=True)
         self.num_workers = check_int("data.num_workers", num_workers, low=0)
-        from lightning_eff.learning.augment.vision import check_image_transform
+        from lightning_eff.data.transforms import check_image_transform
 
         # training images only, per sample (uint8) and per batch (after normalisation); see learning/augment/vision.py
         self.train_transform = check_image_transform("data.train_transform", train_transform)
@@ -399,7 +399,7 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
     ``bucket_by_length=True`` draws training batches of similar lengths
     (:class:`~lightning_eff.data.sampling.LengthBucketSampler`, seeded by ``seed``).
     ``train_transform`` augments the raw strings of each training batch before tokenization
-    (:func:`~lightning_eff.learning.augment.text.check_text_transform` says what it accepts); it is
+    (:func:`~lightning_eff.data.transforms.check_text_transform` says what it accepts); it is
     fitted (when it has ``fit``) on the training texts, and val/test, ``sample_inputs`` and the
     pseudo-label pool never see it.
     """
@@ -423,7 +423,7 @@ class TextClassificationDataModule(L.LightningDataModule, abc.ABC):
         self.num_workers = check_int("data.num_workers", num_workers, low=0)
         # training batches of similar lengths (LengthBucketSampler): less padding, same epoch content
         self.bucket_by_length = check_bool("data.bucket_by_length", bucket_by_length)
-        from lightning_eff.learning.augment.text import check_text_transform
+        from lightning_eff.data.transforms import check_text_transform
 
         # list[str] -> list[str] on the raw strings of training batches only; see learning/augment/text.py
         self.train_transform = check_text_transform("data.train_transform", train_transform)

@@ -73,7 +73,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     model = fn(**kwargs)
     if backbone is not None:
         # self-supervised pretraining -> fine-tuning: the pretrained backbone, a fresh head
-        from lightning_eff.models.loading import load_backbone
+        from lightning_eff.models.backbone import load_backbone
 
         copied = load_backbone(model, backbone, "model.backbone_ckpt")
         log.info("model %s: %d tensors of the backbone loaded from %s", name, len(copied), backbone)

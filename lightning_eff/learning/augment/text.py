@@ -36,16 +36,15 @@ import functools
 import math
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_eff.data.transforms import TextAugment, TextOp, check_text_transform
 from lightning_eff.errors import ConfigError, DataNotFoundError
 from lightning_eff.validation import (
     as_list,
-    build_node,
     check_choice,
-    check_int,
     check_number,
 )
 
@@ -107,19 +106,6 @@ def _check_p(p: Any) -> float:
 def _split(token: str) -> tuple[str, str, str]:
     lead, core, trail = _SPLIT.match(token).groups()
     return lead, core, trail
-
-
-class TextOp:
-    """Base of the word-level ops: ``op(text, rng) -> str`` (subclasses implement :meth:`__call__`)."""
-
-    _fields: tuple[str, ...] = ()
-
-    def __call__(self, text: str, rng: random.Random) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
-        return f"{type(self).__name__}({args})"
 
 
 class WordDropout(TextOp):
@@ -413,84 +399,3 @@ class SynonymReplace(TextOp):
                 new = _match_case(core, synonyms[rng.randrange(len(synonyms))])
                 tokens[j], changed = lead + new + trail, True
         return " ".join(tokens) if changed else text
-
-
-class TextAugment:
-    """A composition of text ops: each text, with probability ``p_apply``, goes through every op in turn.
-
-    This is the ``data.train_transform`` of the text datamodules (``list[str] -> list[str]`` on the strings of
-    a training batch). Labels never pass through it, so they cannot change.
-
-    Args:
-        ops: op objects (``op(text, rng) -> str``) or ``{_target_: dotted.path, ...}`` mappings of them.
-        p_apply: probability that a text is augmented at all, in ``[0, 1]``.
-        seed: ``None`` draws from Python's global ``random`` (seeded per process and dataloader worker by
-            ``seed_everything(workers=True)``); an int gives a private ``random.Random(seed)``. Note that with
-            ``num_workers > 0`` every worker starts from a copy of that private state, so prefer ``None`` there.
-
-    Raises:
-        ConfigError: an op cannot be built or is not callable, or ``p_apply``/``seed`` is invalid.
-    """
-
-    def __init__(self, ops: Sequence[Any] = (), p_apply: float = 1.0, seed: int | None = None):
-        built = []
-        for i, node in enumerate(as_list("data.train_transform.ops", ops)):
-            name = f"data.train_transform.ops[{i}]"
-            op = build_node(node, name)
-            if not callable(op) or isinstance(op, TextAugment):
-                raise ConfigError(f"{name}={node!r} must be a text op, callable as op(text, rng) -> str.")
-            built.append(op)
-        self.ops: list[Callable[[str, random.Random], str]] = built
-        self.p_apply = float(check_number("p_apply", p_apply, low=0.0, high=1.0))
-        self.seed = check_int("seed", seed, allow_none=True)
-        self._rng = None if self.seed is None else random.Random(self.seed)
-
-    @property
-    def rng(self) -> random.Random:
-        """The random source: the private generator, or the ``random`` module (same methods) when unseeded."""
-        return self._rng if self._rng is not None else random  # type: ignore[return-value]
-
-    def fit(self, texts: Iterable[str]) -> TextAugment:
-        """Forward ``texts`` (the training texts) to every op with a ``fit`` (e.g. :class:`SwitchOut`'s vocabulary)."""
-        texts = list(texts)
-        for op in self.ops:
-            if hasattr(op, "fit"):
-                op.fit(texts)
-        return self
-
-    def augment(self, text: str, rng: random.Random) -> str:
-        """Augment one text with ``rng``."""
-        if self.p_apply < 1.0 and rng.random() >= self.p_apply:
-            return text
-        for op in self.ops:
-            text = op(text, rng)
-        return text
-
-    def __call__(self, texts: Sequence[str]) -> list[str]:
-        rng = self.rng
-        return [self.augment(t, rng) for t in texts]
-
-    def __repr__(self) -> str:
-        return f"TextAugment(ops={self.ops!r}, p_apply={self.p_apply!r}, seed={self.seed!r})"
-
-
-def check_text_transform(name: str, value: Any) -> Callable[[list[str]], list[str]] | None:
-    """``data.train_transform`` of the text datamodules: ``None``, a :class:`TextAugment` (or a ``_target_`` node of
-    one), one op (wrapped), a list of ops (shorthand for ``TextAugment(ops=...)``) or any ``list[str] -> list[str]``.
-
-    Raises:
-        ConfigError: anything else (a mapping without ``_target_``, a non-callable).
-    """
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        if "_target_" not in value:
-            raise ConfigError(f"{name} must be a {{_target_: ...}} node or a list of ops, got {dict(value)!r}.")
-        return check_text_transform(name, build_node(value, name))
-    if isinstance(value, (list, tuple)):
-        return TextAugment(ops=value)
-    if isinstance(value, TextOp):
-        return TextAugment(ops=[value])
-    if callable(value):
-        return value
-    raise ConfigError(f"{name}={value!r} must be a TextAugment, a text op, a list of ops or a callable list[str] -> list[str].")

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_eff.data.transforms import ImageAugment, check_image_transform
 from lightning_eff.errors import ConfigError
-from lightning_eff.validation import as_list, build_node, check_int, check_number
+from lightning_eff.validation import as_list, check_int, check_number
 
 __all__ = [
     "ImageAugment",
@@ -237,72 +238,6 @@ def random_erasing(p: float = 0.25, mode: str = "pixel", max_area: float = 1 / 3
     from timm.data.random_erasing import RandomErasing
 
     return RandomErasing(probability=p, mode=mode, max_area=max_area, max_count=count, device="cpu")
-
-
-class ImageAugment:
-    """The ``data.train_transform`` of the image datamodules: per-image ``ops``, then ``erasing`` per batch.
-
-    Args:
-        ops: transforms applied in order to each training image as a PIL image (grey ``"L"`` or ``"RGB"``):
-            the factories of this module, any timm/torchvision transform that takes a PIL image, or
-            ``{_target_: ...}`` nodes of them.
-        erasing: a transform of the normalised float batch ``[B,C,H,W]`` (e.g. :func:`random_erasing`).
-
-    Raises:
-        ConfigError: an op that is not callable.
-    """
-
-    def __init__(self, ops: Sequence[Any] = (), erasing: Any = None) -> None:
-        built = build_node(as_list("data.train_transform.ops", ops), "data.train_transform.ops")
-        for i, op in enumerate(built):
-            if not callable(op):
-                raise ConfigError(f"data.train_transform.ops[{i}]={op!r} is not a transform (not callable).")
-        self.ops = built
-        self.erasing = build_node(erasing, "data.train_transform.erasing")
-        if self.erasing is not None and not callable(self.erasing):
-            raise ConfigError(f"data.train_transform.erasing={self.erasing!r} is not a transform (not callable).")
-
-    def __repr__(self) -> str:
-        return f"ImageAugment(ops={self.ops!r}, erasing={self.erasing!r})"
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        """``uint8 [B,C,H,W]`` -> the same shape and dtype, each image through ``ops``."""
-        if not self.ops:
-            return x
-        from torchvision.transforms.v2 import functional as TF
-
-        out = torch.empty_like(x)
-        for i in range(x.shape[0]):
-            img = TF.to_pil_image(x[i])
-            for op in self.ops:
-                img = op(img)
-            t = TF.pil_to_tensor(img) if not isinstance(img, torch.Tensor) else img
-            if t.shape != x.shape[1:]:
-                raise ConfigError(f"data.train_transform: an op changed the image shape {tuple(x.shape[1:])} -> "
-                                  f"{tuple(t.shape)}; use ops that keep the size (resized_crop, crop) or data.resize.")
-            out[i] = t
-        return out
-
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised float batch through ``erasing`` (unchanged without one)."""
-        return x if self.erasing is None else self.erasing(x)
-
-
-def check_image_transform(name: str, value: Any) -> Any:
-    """``data.train_transform``: ``None``, an :class:`ImageAugment` (or a node of one), or a list of ops
-    (shorthand for ``ImageAugment(ops=...)``)."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) or (isinstance(value, Mapping) and "_target_" not in value):
-        if isinstance(value, Mapping):
-            raise ConfigError(f"{name} must be a {{_target_: ...}} node or a list of ops, got {dict(value)!r}.")
-        return ImageAugment(ops=value)
-    built = build_node(value, name)
-    if isinstance(built, ImageAugment):
-        return built
-    if callable(built):  # one op
-        return ImageAugment(ops=[built])
-    raise ConfigError(f"{name}={value!r} must be an ImageAugment, a transform or a list of transforms.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> float | None:
     from lightning_eff.cli import run
 
     hc = HydraConfig.get()
-    cfg.run_dir = hc.runtime.output_dir
+    if cfg.get("run_dir") is None:  # a run_dir= on the command line wins over Hydra's output folder
+        cfg.run_dir = hc.runtime.output_dir
     try:
         result = run(cfg, multirun=hc.mode == RunMode.MULTIRUN)
     except ConfigError as err:  # a clean message, not a stack trace (Hydra would print one)

@@ -1,8 +1,8 @@
 """Label efficiency: accuracy vs the fraction of labels, from scratch vs from a pretrained backbone.
 
 Reads the ``results.json`` of every run under a Hydra multirun folder (or any folders given), groups
-them by ``model.backbone_ckpt`` (``null`` = from scratch, else the checkpoint's name) and
-``data.label_fraction``, and writes ``label_efficiency.md`` (a table, mean over seeds) and
+them by what they started from (``scratch``; the stem of ``model.backbone_ckpt``; or the pretraining stage
+that handed them a backbone) and ``data.label_fraction`` (runs on ``data.limit_train`` are left out), and writes ``label_efficiency.md`` (a table, mean over seeds) and
 ``label_efficiency.png`` (accuracy vs label fraction, log x) next to them. The sweep it reads::
 
     python train.py -m +recipe=mobilenet_finetune data.label_fraction=0.01,0.1,1.0 \\
@@ -31,11 +31,18 @@ from lightning_eff.errors import ConfigError
 __all__ = ["collect", "summarize", "markdown", "plot", "main"]
 
 
-def _arm(backbone: Any) -> str:
-    if not backbone:
-        return "scratch"
-    path = Path(str(backbone))
-    return path.stem if path.stem not in ("last", "model") else path.parent.name
+def _arm(cfg: dict[str, Any]) -> str:
+    """What a run started from: ``scratch``, the stem of its ``model.backbone_ckpt``, or the name of the
+    pretraining stage that handed it a backbone (``mobilenet_simclr``: ``simclr``)."""
+    backbone = (cfg.get("model") or {}).get("backbone_ckpt")
+    if backbone:
+        path = Path(str(backbone))
+        return path.stem if path.stem not in ("last", "model") else path.parent.name
+    for name, stage in (cfg.get("stages") or {}).items():
+        hands = (stage or {}).get("hands_over") or []
+        if "backbone" in ([hands] if isinstance(hands, str) else hands):
+            return str(name)
+    return "scratch"
 
 
 def collect(folders: Iterable[str | Path], metric: str = "test/acc") -> list[dict[str, Any]]:
@@ -45,10 +52,11 @@ def collect(folders: Iterable[str | Path], metric: str = "test/acc") -> list[dic
         for path in sorted(Path(folder).rglob("results.json")):
             data = json.loads(path.read_text())
             cfg = data.get("config") or {}
-            fraction = (cfg.get("data") or {}).get("label_fraction") or 1.0
-            if metric not in (data.get("metrics") or {}):
-                continue
-            rows.append({"arm": _arm((cfg.get("model") or {}).get("backbone_ckpt")), "fraction": float(fraction),
+            data_cfg = cfg.get("data") or {}
+            if metric not in (data.get("metrics") or {}) or data_cfg.get("limit_train") is not None:
+                continue  # a run on data.limit_train examples has no label fraction to plot
+            fraction = data_cfg.get("label_fraction") or 1.0
+            rows.append({"arm": _arm(cfg), "fraction": float(fraction),
                          "acc": float(data["metrics"][metric]), "seed": cfg.get("seed"), "path": str(path)})
     if not rows:
         raise ConfigError(f"no results.json with {metric!r} under {[str(f) for f in folders]}; run the multirun first.")

@@ -261,7 +261,7 @@ def test_batch_gather_dataset_applies_the_transform_to_train_batches_only():
     assert torch.equal(ds.transform(imgs, augment=False), imgs.float() / 255)
 
 
-def test_offline_distillation_refuses_mixing_and_warns_on_augmented_data(tmp_path):
+def test_offline_distillation_refuses_mixing(tmp_path):
     from lightning_eff.callbacks import Distillation
 
     task = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}, mixup={"cutmix_alpha": 1.0})
@@ -271,3 +271,19 @@ def test_offline_distillation_refuses_mixing_and_warns_on_augmented_data(tmp_pat
                         enable_model_summary=False, callbacks=[Distillation(teacher=teacher, cache=str(tmp_path / "c.pt"))])
     with pytest.raises(ConfigError, match="task.mixup"):
         trainer.fit(task, torch.utils.data.DataLoader(data, batch_size=4))
+
+
+@needs_fmnist
+def test_offline_distillation_on_augmented_data_warns_and_still_uses_indexed_batches(tmp_path):
+    from lightning_eff.callbacks import Distillation
+
+    dm = FashionMNISTDataModule(limit_train=32, limit_val=16, limit_test=16, batch_size=16, resize=16,
+                                train_transform=[V.flip()])
+    task = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1})
+    teacher = ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}).model
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Distillation(teacher=teacher, cache=str(tmp_path / "c.pt"))])
+    with pytest.warns(UserWarning, match="train_transform"):
+        trainer.fit(task, datamodule=dm)
+    assert dm.return_index is True and (tmp_path / "c.pt").is_file()

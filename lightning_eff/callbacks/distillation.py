@@ -355,14 +355,14 @@ class Distillation(EffCallback):
 
     def _prepare_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
+        if getattr(pl_module, "mixup", None) is not None:
+            raise ConfigError("Distillation(cache=...) with task.mixup: the cached teacher logits are of unmixed examples, "
+                              "the student sees mixed ones. Distil online (cache=null), or set task.mixup=null.")
         if dm is not None and hasattr(dm, "return_index"):
             if getattr(dm, "augment", False) or getattr(dm, "train_transform", None) is not None:
                 warnings.warn("Distillation(cache=...): the training data is augmented (data.augment / data.train_transform), "
                               "but cached teacher logits were computed on unaugmented examples; the student sees mismatched "
                               "targets. Distil online (cache=null) to run the teacher on the augmented batches.", stacklevel=2)
-        if getattr(pl_module, "mixup", None) is not None:
-            raise ConfigError("Distillation(cache=...) with task.mixup: the cached teacher logits are of unmixed examples, "
-                              "the student sees mixed ones. Distil online (cache=null), or set task.mixup=null.")
             dm.return_index = True
             log.info("Distillation: datamodule switched to index-carrying training batches for the logit cache.")
         path = Path(self.cache_path).expanduser()

@@ -7,9 +7,11 @@ query by a weighted vote of its ``k`` nearest bank features (cosine similarity, 
 ``val/knn_acc`` (``test/knn_acc``). No parameters are trained, so it can watch SimCLR or rotation
 pretraining — whose own losses say little about downstream accuracy — and any supervised model alike.
 
-The bank is read from the datamodule's training loader, so it carries the training transform (for the
-SSL tasks the views are made inside the task and the loader is plain). It is stateless: resuming from a
-checkpoint changes nothing. Under DDP every rank probes its own shard and the accuracy is averaged.
+The bank is the first ``bank_size`` training examples *in order and unaugmented* (our datamodules: their
+training set without ``augment`` / ``train_transform``; any other datamodule: its training loader, under a
+forked RNG), so every probe sees the same bank and probing never changes the training run's random
+stream: the callback has no state, and a resumed run probes exactly like the uninterrupted one. Under
+DDP every rank computes the same probe on the same (unsharded) examples.
 
 Example:
     >>> monitor = KNNMonitor(bank_size=64, query_size=32, k=5)
@@ -21,9 +23,11 @@ Example:
 """
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from lightning_eff.batch import split_batch
@@ -64,6 +68,22 @@ class KNNMonitor(EffCallback):
     def state_key(self) -> str:  # noqa: D102
         return self.state_key_of(k=self.k, bank_size=self.bank_size)
 
+    @staticmethod
+    def _train_batches(dm: Any, batch_size: int = 256) -> Any:
+        """The training split in order, without augmentation (our datamodules), else the training loader."""
+        ds = getattr(dm, "train_set", None)
+        if ds is not None and hasattr(ds, "transform") and hasattr(ds, "images"):  # image datamodules
+            for start in range(0, len(ds), batch_size):
+                yield ds.transform(ds.images[start : start + batch_size], augment=False), ds.labels[start : start + batch_size]
+            return
+        text = (getattr(dm, "datasets", None) or {}).get("train")
+        if text is not None and hasattr(text, "inputs"):  # text datamodules: inputs() never augments
+            for start in range(0, len(text), batch_size):
+                idx = list(range(start, min(start + batch_size, len(text))))
+                yield text.inputs(idx), text.labels_t[idx]
+            return
+        yield from dm.train_dataloader()
+
     def _features(self, pl_module: L.LightningModule, loader: Any, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         net_embed = getattr(pl_module, "embed", None)
         network = None if callable(net_embed) else self.network(pl_module)
@@ -89,11 +109,15 @@ class KNNMonitor(EffCallback):
         query_loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
         was_training = pl_module.training
         pl_module.eval()
+        py_state, np_state = random.getstate(), np.random.get_state()
         try:
-            with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
-                bank, bank_y = self._features(pl_module, dm.train_dataloader(), self.bank_size)
+            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+            with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False), torch.random.fork_rng(devices):
+                bank, bank_y = self._features(pl_module, self._train_batches(dm), self.bank_size)
                 query, query_y = self._features(pl_module, query_loader, self.query_size)
         finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
             pl_module.train(was_training)
         num_classes = int(max(bank_y.max(), query_y.max())) + 1
         if int(bank_y.min()) < 0:

@@ -68,7 +68,12 @@ def _fill(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> n
 
 def _from_lightning_checkpoint(path: Path, task_class: type | None, option: str) -> nn.Module:
     if task_class is not None:
-        task = task_class.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+        hparams = (torch.load(str(path), map_location="cpu", weights_only=False).get("hyper_parameters") or {})
+        model_spec = hparams.get("model")
+        # a fine-tuned model's spec names the backbone it started from; its own weights replace that backbone
+        extra = ({"model": {k: v for k, v in model_spec.items() if k != "backbone_ckpt"}}
+                 if isinstance(model_spec, Mapping) and "backbone_ckpt" in model_spec else {})
+        task = task_class.load_from_checkpoint(str(path), map_location="cpu", weights_only=False, **extra)
         return getattr(task, "model", task)
     ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
     spec = (ckpt.get("hyper_parameters") or {}).get("model") if isinstance(ckpt, Mapping) else None

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -87,7 +88,7 @@ class ClassificationTask(L.LightningModule):
         self.num_classes = num_classes
         from lightning_eff.learning.augment.vision import make_mixup
 
-        if mixup and "label_smoothing" not in mixup and label_smoothing:
+        if isinstance(mixup, Mapping) and mixup and "label_smoothing" not in mixup and label_smoothing:
             mixup = {**mixup, "label_smoothing": label_smoothing}
         self.mixup = make_mixup(mixup, num_classes)
         metric = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)

@@ -162,7 +162,10 @@ def resized_crop(scale_range: Sequence[float] = (0.35, 1.0), ratio: Sequence[flo
     lo, hi = (float(v) for v in as_list("resized_crop.scale_range", scale_range, item=(int, float)))
     check_number("resized_crop.scale_range[0]", lo, low=0.01, high=hi)
     check_number("resized_crop.scale_range[1]", hi, low=lo, high=1.0)
-    return _PerMode("resized_crop", _resized_crop, scale_range=(lo, hi), ratio=tuple(float(r) for r in ratio))
+    r_lo, r_hi = (float(v) for v in as_list("resized_crop.ratio", ratio, item=(int, float)))
+    check_number("resized_crop.ratio[0]", r_lo, low=0.05, high=r_hi, low_inclusive=False)
+    check_number("resized_crop.ratio[1]", r_hi, low=r_lo, high=20.0)
+    return _PerMode("resized_crop", _resized_crop, scale_range=(lo, hi), ratio=(r_lo, r_hi))
 
 
 def _posterize_at_least_1_bit(img, bits_to_keep, **_):

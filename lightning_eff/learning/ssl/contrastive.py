@@ -189,9 +189,10 @@ def embed(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 def embedding_dim(model: nn.Module, example: Any) -> int:
-    """The width of :func:`embed` (timm's ``num_features``, else the classifier's ``in_features``)."""
+    """The width of :func:`embed`: timm's pre-logits width (``head_hidden_size`` where the head has a hidden
+    layer, as MobileNetV3's 1280 after 960 features; else ``num_features``), else the classifier's ``in_features``."""
     if hasattr(model, "forward_head") and hasattr(model, "num_features"):
-        return int(model.num_features)
+        return int(getattr(model, "head_hidden_size", None) or model.num_features)
     head = _last_linear(model)
     if head is not None:
         return int(head.in_features)

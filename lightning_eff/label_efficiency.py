@@ -9,6 +9,8 @@ that handed them a backbone) and ``data.label_fraction`` (runs on ``data.limit_t
         model.backbone_ckpt=null,outputs/<run>/simclr/simclr.ckpt
     python -m lightning_eff.label_efficiency multirun/<date>/<time>
 
+A sweep over ``task.lr`` too gives each arm and fraction its own learning rate, picked on ``val/acc``.
+
 Example:
     >>> rows = [{"arm": "scratch", "fraction": 0.01, "acc": 0.70}, {"arm": "simclr", "fraction": 0.01, "acc": 0.78}]
     >>> table = summarize(rows)
@@ -28,7 +30,10 @@ from typing import Any
 
 from lightning_eff.errors import ConfigError
 
-__all__ = ["collect", "summarize", "markdown", "plot", "main"]
+__all__ = ["collect", "summarize", "markdown", "plot", "main", "SELECT_METRIC"]
+
+#: The metric that picks an arm's learning rate when the sweep tried several (never the test metric).
+SELECT_METRIC = "val/acc"
 
 
 def _arm(cfg: dict[str, Any]) -> str:
@@ -56,19 +61,37 @@ def collect(folders: Iterable[str | Path], metric: str = "test/acc") -> list[dic
             if metric not in (data.get("metrics") or {}) or data_cfg.get("limit_train") is not None:
                 continue  # a run on data.limit_train examples has no label fraction to plot
             fraction = data_cfg.get("label_fraction") or 1.0
-            rows.append({"arm": _arm(cfg), "fraction": float(fraction),
-                         "acc": float(data["metrics"][metric]), "seed": cfg.get("seed"), "path": str(path)})
+            metrics = data["metrics"]
+            rows.append({"arm": _arm(cfg), "fraction": float(fraction), "acc": float(metrics[metric]),
+                         "val": float(metrics[SELECT_METRIC]) if SELECT_METRIC in metrics else None,
+                         "lr": (cfg.get("task") or {}).get("lr"), "seed": cfg.get("seed"), "path": str(path)})
     if not rows:
         raise ConfigError(f"no results.json with {metric!r} under {[str(f) for f in folders]}; run the multirun first.")
     return rows
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[float, dict[str, float]]:
-    """``{fraction: {arm: mean accuracy}}`` (mean over seeds), fractions ascending."""
-    groups: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def summarize(rows: list[dict[str, Any]], chosen: dict | None = None) -> dict[float, dict[str, float]]:
+    """``{fraction: {arm: mean accuracy}}`` (mean over seeds), fractions ascending.
+
+    When an arm ran with several learning rates (``task.lr=0.1,0.03`` in the sweep), each arm and fraction
+    keeps the learning rate with the best mean validation accuracy (model selection on the validation split;
+    the test split is only reported); ``chosen`` (a dict) receives ``{(fraction, arm): lr}``.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[r["fraction"]][r["arm"]].append(r["acc"])
-    return {f: {arm: statistics.mean(v) for arm, v in sorted(arms.items())} for f, arms in sorted(groups.items())}
+        groups[(r["fraction"], r["arm"], r.get("lr"))].append(r)
+    best: dict[tuple, tuple] = {}
+    for (fraction, arm, lr), runs in groups.items():
+        vals = [r["val"] for r in runs if r.get("val") is not None]
+        score = statistics.mean(vals) if vals else float("-inf")
+        if (fraction, arm) not in best or score > best[(fraction, arm)][0]:
+            best[(fraction, arm)] = (score, lr, statistics.mean(r["acc"] for r in runs))
+    if chosen is not None:
+        chosen.update({key: lr for key, (_, lr, _) in best.items()})
+    table: dict[float, dict[str, float]] = defaultdict(dict)
+    for (fraction, arm), (_, _, acc) in sorted(best.items()):
+        table[fraction][arm] = acc
+    return dict(sorted(table.items()))
 
 
 def markdown(table: dict[float, dict[str, float]]) -> str:
@@ -120,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for label_efficiency.md/.png (default: the first folder)")
     parser.add_argument("--title", default="Label efficiency")
     args = parser.parse_args(argv)
-    table = summarize(collect(args.folders, args.metric))
+    chosen: dict = {}
+    table = summarize(collect(args.folders, args.metric), chosen)
     out = Path(args.out or args.folders[0])
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(table)
+    if len({lr for lr in chosen.values()}) > 1:
+        text += "\n\nlearning rate picked on val/acc: " + ", ".join(
+            f"{arm} at {fraction:.0%}: {lr}" for (fraction, arm), lr in sorted(chosen.items()))
     (out / "label_efficiency.md").write_text(text + "\n")
     print(text)
     try:

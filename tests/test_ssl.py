@@ -280,6 +280,17 @@ def test_label_efficiency_table_and_plot_from_a_multirun_folder(tmp_path):
     assert (tmp_path / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_label_efficiency_picks_each_arms_learning_rate_on_validation_not_test():
+    from lightning_eff.label_efficiency import summarize
+
+    rows = [{"arm": "simclr", "fraction": 0.01, "lr": 0.1, "val": 0.70, "acc": 0.90},   # best test, worse val
+            {"arm": "simclr", "fraction": 0.01, "lr": 0.01, "val": 0.80, "acc": 0.78},
+            {"arm": "scratch", "fraction": 0.01, "lr": 0.1, "val": 0.75, "acc": 0.74}]
+    chosen = {}
+    assert summarize(rows, chosen) == {0.01: {"scratch": 0.74, "simclr": 0.78}}
+    assert chosen == {(0.01, "simclr"): 0.01, (0.01, "scratch"): 0.1}
+
+
 @needs_fmnist
 def test_the_knn_probe_is_reproducible_and_leaves_the_random_stream_alone():
     import random

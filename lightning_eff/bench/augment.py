@@ -57,13 +57,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser = bench_parser("augment", __doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default: all; quick: {list(HEADLINE[:3])})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the headline rows (default 3; quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; quick 40)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150; quick 40)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     quick = args.quick
     rows = args.rows or (list(HEADLINE[:3]) if quick else list(ROWS))
     seeds = args.seeds or (1 if quick else 3)
-    steps = args.steps or (40 if quick else 200)
+    steps = args.steps or (40 if quick else 150)
     limit_test = 2000 if quick else None
     if "none" not in rows:
         rows = ["none", *rows]

@@ -143,18 +143,18 @@ class Blobs(L.LightningDataModule):
 
 
 class FMNISTBatch(L.LightningDataModule):
-    """64 real Fashion-MNIST images at 32 px as one fixed training batch (and the probe's val/test data)."""
+    """32 real Fashion-MNIST images at 24 px as one fixed training batch (and the probe's val/test data)."""
 
     def __init__(self):
         super().__init__()
         from lightning_eff.data import FashionMNISTDataModule
 
-        self.dm = FashionMNISTDataModule(limit_train=64, limit_val=64, limit_test=64, batch_size=64)
+        self.dm = FashionMNISTDataModule(limit_train=32, limit_val=32, limit_test=32, batch_size=32, resize=24)
         self.dm.setup()
         self.train_set = self.dm.train_set  # the KNNMonitor bank: in order, unaugmented
 
     def train_dataloader(self):
-        return self.dm._loader(self.dm.train_set, 64, shuffle=False)
+        return self.dm._loader(self.dm.train_set, 32, shuffle=False)
 
     def val_dataloader(self):
         return self.dm.val_dataloader()
@@ -193,7 +193,7 @@ def test_pretraining_tasks_lower_their_loss_on_real_images_and_log_a_knn_probe(c
         return float(loss)
 
     before = eval_loss()  # train-mode BatchNorm (batch statistics) before and after: the same function of x
-    monitor = KNNMonitor(bank_size=256, query_size=64, k=5)
+    monitor = KNNMonitor(bank_size=32, query_size=32, k=5)
     trainer = _fit(task, data, steps=20, callbacks=[monitor])
     task.train()
     after = eval_loss()

@@ -45,8 +45,8 @@ def _run(row: str, seed: int, steps: int, limit_test: int | None, root: Path) ->
 
     extra = [f"seed={seed}", f"data.seed={seed}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
              f"run_dir={root / f'{row}_s{seed}'}", "print_report=false", "progress=false",
-             "report.latency=false", "report.memory=false", "trainer.enable_progress_bar=false",
-             "trainer.enable_model_summary=false", "callbacks.checkpoint=null"]
+             "report.latency=false", "report.memory=false", "++trainer.enable_progress_bar=false",
+             "++trainer.enable_model_summary=false", "callbacks.checkpoint=null"]
     if limit_test:
         extra.append(f"data.limit_test={limit_test}")
     out = run(compose("mobilenet_augment", [*overrides_for(row), *extra]))

@@ -11,6 +11,7 @@ re-exports these classes, so configs may name either path.
 """
 from __future__ import annotations
 
+import abc
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -89,13 +90,14 @@ def check_image_transform(name: str, value: Any) -> Any:
     raise ConfigError(f"{name}={value!r} must be an ImageAugment, a transform or a list of transforms.")
 
 
-class TextOp:
+class TextOp(abc.ABC):
     """Base of the word-level ops: ``op(text, rng) -> str`` (subclasses implement :meth:`__call__`)."""
 
     _fields: tuple[str, ...] = ()
 
-    def __call__(self, text: str, rng: random.Random) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, text: str, rng: random.Random) -> str:
+        """The augmented ``text``, drawing from ``rng``."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)

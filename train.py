@@ -14,7 +14,9 @@ from lightning_eff.errors import ConfigError
 
 def _check_recipe_args(argv: list[str]) -> None:
     """Fail fast (with did-you-mean) on an unknown ``+recipe=`` before Hydra composes anything."""
-    from lightning_eff.cli import check_recipe
+    from lightning_eff.recipes import (
+        check_recipe,  # light: --help and config errors answer without importing torch
+    )
 
     for arg in argv:
         if arg.lstrip("+").startswith("recipe=") and "," not in arg:

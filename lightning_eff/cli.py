@@ -38,18 +38,21 @@ from lightning_eff.callbacks.progress import ProgressLog, format_seconds
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.measure import format_table
 from lightning_eff.models import list_models, model_signature
+from lightning_eff.recipes import (
+    CONF_DIR,
+    REPO_ROOT,
+    check_recipe,
+    list_recipes,
+)
 from lightning_eff.report import build_report, evaluate_accuracy
 from lightning_eff.stages import Stage, copy_backbone, plan_stages
 from lightning_eff.training.precision import precision_facts, resolve_precision
 from lightning_eff.validation import check_bool, check_number
 
-__all__ = ["compose", "run", "validate_config", "build", "list_recipes", "data_shaped", "REPO_ROOT"]
+__all__ = ["compose", "run", "validate_config", "build", "list_recipes", "check_recipe", "data_shaped", "REPO_ROOT"]
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-RECIPE_DIR = REPO_ROOT / "recipes"
 
 TOP_LEVEL_KEYS = {
     "name", "seed", "data", "model", "task", "trainer", "callbacks", "finetune", "run_dir",
@@ -70,18 +73,6 @@ _TRAINER_RESERVED = {"self", "callbacks", "logger"}
 # --------------------------------------------------------------------------------------------
 # composition
 # --------------------------------------------------------------------------------------------
-def list_recipes() -> list[str]:
-    """Names of the recipes in ``recipes/`` (the ``+recipe=NAME`` choices)."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-
-
-def check_recipe(name: str) -> None:
-    """Raise ``ConfigError`` with a did-you-mean when ``name`` is not a recipe."""
-    recipes = list_recipes()
-    if name not in recipes:
-        raise ConfigError(f"recipe={name!r} does not exist; available recipes: {recipes}.{did_you_mean(name, recipes)}")
-
-
 def compose(recipe: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/train.yaml`` (+ ``recipes/<recipe>.yaml``) with Hydra's compose API.
 

@@ -32,9 +32,14 @@ from lightning_eff.compression.quantization.engines import (
     quantized_engine,
 )
 from lightning_eff.compression.quantization.fx import is_fake_quant, is_pt2e_int8
-from lightning_eff.measure import cpu_capability, cpu_flags, measure_footprint, measure_latency
-from lightning_eff.protocols import offered_models
 from lightning_eff.errors import ConfigError
+from lightning_eff.measure import (
+    cpu_capability,
+    cpu_flags,
+    measure_footprint,
+    measure_latency,
+)
+from lightning_eff.protocols import offered_models
 from lightning_eff.validation import check_bool, check_number
 
 __all__ = ["build_report", "evaluate_accuracy", "collect_deployables", "describe_model", "int8_speed"]

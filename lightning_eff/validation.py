@@ -6,12 +6,13 @@ valid, so a user sees ``amount=1.5`` rejected as ``amount`` rather than a stack 
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning_eff.errors import ConfigError, did_you_mean
 
-__all__ = ["check_choice", "check_number", "check_int", "check_bool", "as_list", "build_node"]
+__all__ = ["check_choice", "check_number", "check_int", "check_bool", "as_list", "build_node", "renamed_option"]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -90,6 +91,27 @@ def as_list(name: str, value: Any, *, item: type | tuple[type, ...] | None = Non
                 want = item.__name__ if isinstance(item, type) else "/".join(t.__name__ for t in item)
                 raise ConfigError(f"{name}: item {v!r} must be a {want} ({type(v).__name__} given).")
     return items
+
+
+def renamed_option(name: str, value: Any, who: str, stacklevel: int = 3, **old_names: Any) -> Any:
+    """An option also accepted under its older name(s): the value given (``None`` = not given).
+
+    The one vocabulary every technique shares (``output_dir``; ``include``/``exclude``/``module_types``/
+    ``min_params`` for module selection) keeps the old spellings working for a while, with a
+    ``FutureWarning`` that says the new name.
+
+    Raises:
+        ConfigError: the option given under both names.
+    """
+    given = {k: v for k, v in old_names.items() if v is not None}
+    if not given:
+        return value
+    old, old_value = next(iter(given.items()))
+    if value is not None or len(given) > 1:
+        both = {name: value, **given} if value is not None else given
+        raise ConfigError(f"{who}: give {name} only (got {', '.join(f'{k}={v!r}' for k, v in both.items())}).")
+    warnings.warn(f"{who}({old}=...) is renamed {name}=...; {old} will be removed.", FutureWarning, stacklevel=stacklevel)
+    return old_value
 
 
 def build_node(node: Any, name: str) -> Any:

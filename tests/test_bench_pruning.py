@@ -34,7 +34,7 @@ def test_bench_executorch_program_runs_the_pruned_network(tmp_path):
     from lightning_eff.models import create_model
 
     torch.manual_seed(0)
-    dense = create_model("mobilenetv2", width=0.35, num_classes=10, in_chans=1, small_input_stages=1).eval()
+    dense = create_model("mobilenetv2", width=0.35, depth=0.3, num_classes=10, in_chans=1, small_input_stages=1).eval()
     small = prune_channels(dense, 0.5).eval()
     x = torch.randn(2, 1, 32, 32)
     program = executorch_program(small, x, str(tmp_path))

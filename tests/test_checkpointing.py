@@ -10,7 +10,12 @@ import torch
 from torch import nn
 from user_module import UserData, UserModule, user_trainer
 
-from lightning_eff.callbacks import ActivationCheckpointing, Distillation, Pruning, QuantizationAwareTraining
+from lightning_eff.callbacks import (
+    ActivationCheckpointing,
+    Distillation,
+    Pruning,
+    QuantizationAwareTraining,
+)
 from lightning_eff.errors import ConfigError, NoEffectWarning
 from lightning_eff.measure import saved_activation_bytes
 from lightning_eff.models import create_model
@@ -99,7 +104,10 @@ def test_timm_switch_only_without_batchnorm():
 
 
 def test_fx_qat_graph_is_segmented_exactly_and_converts_after_removal():
-    from lightning_eff.compression.quantization.fx import convert_fx_model, prepare_qat_fx_model
+    from lightning_eff.compression.quantization.fx import (
+        convert_fx_model,
+        prepare_qat_fx_model,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28)
@@ -116,7 +124,7 @@ def test_fx_qat_graph_is_segmented_exactly_and_converts_after_removal():
 
 def test_selector_outermost_exclude_and_no_effect_warning():
     net = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)])
-    info = apply_activation_checkpointing(net, modules=[r"\d", r"\d\.0"], exclude=["2"])
+    info = apply_activation_checkpointing(net, include=[r"\d", r"\d\.0"], exclude=["2"])
     assert info.modules == ["0", "1"]  # nested 0.0 dropped (outermost kept), 2 excluded
     flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.warns(NoEffectWarning, match="no block list"):
@@ -135,7 +143,7 @@ def test_hooks_see_the_recomputation_flag():
 @pytest.mark.parametrize("opts,match", [
     ({"use_model_switch": "maybe"}, "use_model_switch"),
     ({"segments": 1}, "segments"),
-    ({"modules": ["("]}, "modules"),
+    ({"include": ["("]}, "include"), ({"modules": ["("]}, "include"),
     ({"preserve_rng_state": "yes"}, "preserve_rng_state"),
 ])
 def test_bad_options(opts, match):
@@ -251,3 +259,11 @@ def test_footprint_monitor_reports_the_real_steps_saved_activations(tmp_path):
     assert ckpt["saved_bytes"] < 0.5 * plain["saved_bytes"], (plain, ckpt)
     with pytest.raises(ConfigError, match="activations"):
         FootprintMonitor(activations="yes")
+
+
+def test_include_is_the_shared_selection_name_and_modules_its_old_spelling():
+    with pytest.warns(FutureWarning, match="renamed include"):
+        old = ActivationCheckpointing(modules=[r"blocks\.\d+"])
+    assert old.include == [r"blocks\.\d+"] and old.state_key == ActivationCheckpointing(include=[r"blocks\.\d+"]).state_key
+    with pytest.raises(ConfigError, match="give include only"):
+        ActivationCheckpointing(include="auto", modules="auto")

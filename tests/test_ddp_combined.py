@@ -15,7 +15,12 @@ import torch
 from torch import nn
 from user_module import QUIET, UserData, UserModule
 
-from lightning_eff.callbacks import ActivationCheckpointing, Distillation, FootprintMonitor, Pruning
+from lightning_eff.callbacks import (
+    ActivationCheckpointing,
+    Distillation,
+    FootprintMonitor,
+    Pruning,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 

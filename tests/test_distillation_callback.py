@@ -10,35 +10,14 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_fmnist, needs_wordnet
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from user_module import quiet_trainer
+from user_module import quiet_trainer, same_as_train
 
 from lightning_eff import ClassificationTask, ConfigError, Distillation
-from lightning_eff.data.indexed import IndexedCollate, IndexedDataset
 from lightning_eff.learning.distillation import kd_loss
 from lightning_eff.models import create_model
 
-
-class Data(L.LightningDataModule):
-    """Fixed tensors, no shuffling (two fits see identical batches); optional index-carrying batches."""
-
-    def __init__(self, n=48, batch_size=8, indexed=False):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
-        self.batch_size, self.indexed, self.num_classes = batch_size, indexed, 10
-
-    def sample_inputs(self, n=1):
-        return self.x[:n]
-
-    def train_dataloader(self):
-        ds = TensorDataset(self.x, self.y)
-        if self.indexed:
-            return DataLoader(IndexedDataset(ds), batch_size=self.batch_size, collate_fn=IndexedCollate())
-        return DataLoader(ds, batch_size=self.batch_size)
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+#: Fixed tensors, no shuffling (two fits see identical batches); optional index-carrying batches.
+Data = same_as_train
 
 
 class UserModule(L.LightningModule):

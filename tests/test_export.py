@@ -210,3 +210,48 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(FileNotFoundError):
             read_metadata(tmp_path / "absent.pt")
+
+
+def test_pt2e_pattern_cache_gives_the_same_graphs_and_int8_model(example, monkeypatch):
+    """torchao re-traces its conv-bn / q-dq patterns on every prepare/convert (0.5 s each); the cache keeps
+    each trace, hands out fresh copies, and the int8 model is bit-identical to the uncached one."""
+    pytest.importorskip("torchao")
+    import importlib
+
+    from lightning_eff.compression.quantization import pt2e
+
+    pt2e._imports()
+    utils = importlib.import_module("torchao.quantization.pt2e.utils")
+    cached = utils._get_aten_graph_module_for_pattern
+    assert hasattr(cached, "__wrapped__")
+    from torchao.quantization.pt2e.export_utils import WrapperModule
+
+    def pattern(x, w):
+        return torch.nn.functional.conv2d(x, w).relu()
+
+    args = (torch.randn(1, 3, 5, 5), torch.randn(2, 3, 3, 3))
+    first, second = cached(WrapperModule(pattern), args), cached(WrapperModule(pattern), args)
+    plain = cached.__wrapped__(WrapperModule(pattern), args)
+    assert first.code == second.code == plain.code and first.graph is not second.graph
+    output = next(n for n in first.graph.nodes if n.op == "output")
+    with first.graph.inserting_before(output):  # a caller edits the graph it received
+        first.graph.call_function(torch.ops.aten.neg.default, (next(iter(first.graph.nodes)),))
+    first.recompile()
+    assert first.code != plain.code
+    assert cached(WrapperModule(pattern), args).code == plain.code  # an edited copy never reaches the next caller
+    holder = torch.nn.Linear(2, 2)
+    assert pt2e._pattern_key(holder, args, False, {}) is None  # a module with weights is never cached
+    bias = torch.ones(2)
+    assert pt2e._pattern_key(WrapperModule(lambda x, w: torch.nn.functional.conv2d(x, w) + bias), args, False, {}) is None
+
+    def int8_out():
+        prepared = pt2e.prepare_pt2e_model(_net(), (example,), qat=False)
+        prepared(example)
+        return pt2e.convert_pt2e_model(prepared)(example)
+
+    with_cache = int8_out()
+    for name in pt2e._PATTERN_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(getattr(module, "_get_aten_graph_module_for_pattern", None), "__wrapped__"):
+            monkeypatch.setattr(module, "_get_aten_graph_module_for_pattern", module._get_aten_graph_module_for_pattern.__wrapped__)
+    assert torch.equal(with_cache, int8_out())

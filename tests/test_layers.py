@@ -27,7 +27,7 @@ LAYERS = [
     ("report", ["report"]),
     ("tasks", ["tasks"]),
     ("callbacks", ["callbacks", "strategies"]),
-    ("app", ["stages", "cli", "bench", "label_efficiency", ""]),
+    ("app", ["recipes", "stages", "cli", "bench", "label_efficiency", ""]),
 ]
 RANK = {top: rank for rank, (_, tops) in enumerate(LAYERS) for top in tops}
 

@@ -15,7 +15,13 @@ from lightning_eff.callbacks import ChannelsLast, Compile, Export, Pruning
 from lightning_eff.errors import ConfigError
 from lightning_eff.export.torchscript import export_torchscript
 from lightning_eff.report import _layout_latencies
-from lightning_eff.training.layout import ChannelsLastInput, compile_network, is_compiled, to_channels_last, uncompile_network
+from lightning_eff.training.layout import (
+    ChannelsLastInput,
+    compile_network,
+    is_compiled,
+    to_channels_last,
+    uncompile_network,
+)
 
 
 def _fit(tmp_path, callbacks):

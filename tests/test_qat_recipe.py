@@ -16,7 +16,7 @@ from lightning_eff.cli import compose, run
 @pytest.mark.slow
 def test_mobilenet_qat_recipe_writes_qat_pte_and_weight_only_rows(tmp_path):
     # Stage 1's .pte exports (fp32, PTQ int8) are left out: they predate this test and cost ~40 s here.
-    result = run(compose("mobilenet_qat", [f"run_dir={tmp_path}", "++trainer.fast_dev_run=true", "model.width=0.25",
+    result = run(compose("mobilenet_qat", [f"run_dir={tmp_path}", "++trainer.fast_dev_run=true", "model.width=0.25", "model.depth=0.3",
                                            "callbacks.export.formats=[pt]", "stages.finetune.callbacks.qat.engines=[x86]",
                                            "++report.latency=false", *TINY_OVERRIDES]))
     artifacts = {f"{a['variant']}.{a['format']}": a for a in result["artifacts"]}

@@ -4,8 +4,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-from user_module import quiet_trainer
+from user_module import quiet_trainer, same_as_train
 
 from lightning_eff import (
     ClassificationTask,
@@ -15,30 +14,15 @@ from lightning_eff import (
 )
 from lightning_eff.measure import count_parameters
 
-
-class TinyData(L.LightningDataModule):
-    """Fixed tensors, no shuffling: two fits see identical batches (for resume equivalence)."""
-
-    def __init__(self, n: int = 48, batch_size: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, 16, 16, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-        self.batch_size = batch_size
-        self.num_classes = 10
-
-    def sample_inputs(self, n: int = 1) -> torch.Tensor:
-        return self.x[:n]
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
-
-    val_dataloader = test_dataloader = train_dataloader
+#: Fixed tensors, no shuffling: two fits see identical batches (for resume equivalence); val/test = train.
+TinyData = same_as_train
 
 
-def _task() -> ClassificationTask:
+def _task(depth: float = 0.3) -> ClassificationTask:
+    """A shallow MobileNetV2 (8 of 17 blocks: every block kind, half the graph; ExecuTorch lowering scales with it)."""
     torch.manual_seed(0)
-    return ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1}, optimizer="sgd", lr=0.05, scheduler="constant")
+    return ClassificationTask({"name": "mobilenetv2_tiny", "num_classes": 10, "in_chans": 1, "depth": depth}, optimizer="sgd", lr=0.05,
+                              scheduler="constant")
 
 
 def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:

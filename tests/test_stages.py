@@ -11,8 +11,8 @@ from conftest import TINY_OVERRIDES, needs_fmnist
 
 from lightning_eff.cli import _trainer, compose, list_recipes, run, validate_config
 from lightning_eff.errors import ConfigError
-from lightning_eff.stages import copy_backbone, legacy_stages, plan_stages
 from lightning_eff.models import create_model
+from lightning_eff.stages import copy_backbone, legacy_stages, plan_stages
 
 
 def test_legacy_teacher_and_finetune_keys_are_the_same_stages():

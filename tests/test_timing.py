@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_eff.bench.common import Timings, format_result_line, mark_noisy, write_bench
+from lightning_eff.bench.common import (
+    Timings,
+    format_result_line,
+    mark_noisy,
+    write_bench,
+)
 from lightning_eff.errors import ConfigError
 from lightning_eff.measure import (
     DEFAULT_MAX_SPREAD,

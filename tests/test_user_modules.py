@@ -236,7 +236,7 @@ def test_the_float_model_from_qat_weights_computes_what_the_qat_forward_computes
     from lightning_eff.callbacks.export import float_from_fx_qat
     from lightning_eff.compression.quantization.fx import sqnr_db
 
-    task, dm = _task(), TinyData()
+    task, dm = _task(depth=1.0), TinyData()  # the full-depth network of the issue
     _trainer(tmp_path, [QuantizationAwareTraining(engines=["x86"])]).fit(task, datamodule=dm)
     x = dm.sample_inputs(8)
     with torch.no_grad():

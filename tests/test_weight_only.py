@@ -194,6 +194,19 @@ def test_selection_regex_min_numel_and_rest_untouched():
     assert len(empty) == 0
 
 
+def test_the_selection_options_every_technique_shares():
+    """include / exclude / module_types / min_params, as pruning and activation checkpointing name them."""
+    model = _convnet()
+    every = set(quantize_weights(model).tensors)
+    assert set(quantize_weights(model, exclude=["^8$"]).tensors) == every - {"8.weight"}
+    only_conv = set(quantize_weights(model, include=".*", module_types=["Conv2d"]).tensors)
+    assert only_conv and all(isinstance(model.get_submodule(k.rsplit(".", 1)[0]), nn.Conv2d) for k in only_conv)
+    assert set(quantize_weights(model, min_params=150).tensors) == {k for k in every if model.get_parameter(k).numel() >= 150}
+    with pytest.warns(FutureWarning, match="renamed min_params"):
+        old = quantize_weights(model, min_numel=150)
+    assert set(old.tensors) == set(quantize_weights(model, min_params=150).tensors)
+
+
 def test_tied_weights_stay_tied():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False))
@@ -226,8 +239,14 @@ def test_bad_options_and_mismatched_model(tmp_path):
         quantize_weights(model, bits=4, scheme="binary")
     with pytest.raises(ConfigError, match="per_channel"):
         quantize_weights(model, per_channel="yes")
-    with pytest.raises(ConfigError, match="min_numel"):
-        quantize_weights(model, min_numel=-1)
+    with pytest.raises(ConfigError, match="min_params"):
+        quantize_weights(model, min_params=-1)
+    with pytest.raises(ConfigError, match="give min_params only"):
+        quantize_weights(model, min_params=4, min_numel=4)
+    with pytest.raises(ConfigError, match="exclude"):
+        quantize_weights(model, exclude="[unclosed")
+    with pytest.raises(ConfigError, match="module_types"):
+        quantize_weights(model, module_types=[3])
     with pytest.raises(ConfigError, match="regex"):
         quantize_weights(model, include="[unclosed")
     with pytest.raises(ConfigError, match="include"):

@@ -105,10 +105,23 @@ def test_weight_only_default_dir_and_test_without_fit(tmp_path):
         ({"bits": [4, 4]}, r"repeats a bit-width"),
         ({"scheme": "binari"}, r"scheme='binari' is not supported.*\['affine', 'symmetric'\]"),
         ({"scheme": "symetric"}, r"Did you mean 'symmetric'"),
-        ({"min_numel": -1}, r"min_numel"),
+        ({"min_params": -1}, r"min_params"),
+        ({"min_params": 4, "min_numel": 4}, r"give min_params only"),
+        ({"exclude": ["("]}, r"exclude"),
+        ({"module_types": [3]}, r"module_types"),
         ({"per_channel": "yes"}, r"per_channel"),
     ],
 )
 def test_weight_only_bad_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         WeightOnlyQuantization(**kwargs)
+
+
+def test_weight_only_callback_selects_with_the_shared_options(tmp_path):
+    """exclude= keeps the classifier float in the written file (the selection options every technique shares)."""
+    wq = WeightOnlyQuantization(bits=[4], exclude=["3"], output_dir=str(tmp_path / "wq"))
+    _fit(tmp_path, [wq])
+    (entry,) = wq.artifacts()
+    assert entry["quantized_tensors"] == 1  # 1.weight only; 3.weight (the classifier) stays float
+    with pytest.warns(FutureWarning, match="renamed min_params"):
+        assert WeightOnlyQuantization(min_numel=100).min_params == 100

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_eff.data.indexed import IndexedCollate, IndexedDataset
+
 
 class UserNet(nn.Module):
     def __init__(self) -> None:
@@ -55,27 +57,47 @@ class UserModule(L.LightningModule):
 
 
 class UserData(L.LightningDataModule):
-    """Fixed tensors, no shuffling (two fits see identical batches); val/test differ from train."""
+    """Fixed random images of 10 classes, no shuffling (two fits see identical batches): the one tiny datamodule.
 
-    def __init__(self, n: int = 64, batch_size: int = 8, size: int = 12) -> None:
+    Args:
+        n: training examples; ``size``: image side (1 channel).
+        val: ``"shifted"`` - validation/test images of other statistics (leaks into training state would
+            show); ``"train"`` - validation/test are the training tensors.
+        indexed: training batches carry each example's index (``IndexedDataset``: offline distillation caches).
+    """
+
+    def __init__(self, n: int = 64, batch_size: int = 8, size: int = 12, val: str = "shifted", indexed: bool = False) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n, 1, size, size, generator=g)
         self.y = torch.randint(0, 10, (n,), generator=g)
-        self.vx = 3 * torch.randn(n // 2, 1, size, size, generator=g) + 1  # other statistics: leaks would show
-        self.vy = torch.randint(0, 10, (n // 2,), generator=g)
-        self.batch_size = batch_size
+        if val == "shifted":
+            self.vx = 3 * torch.randn(n // 2, 1, size, size, generator=g) + 1  # other statistics: leaks would show
+            self.vy = torch.randint(0, 10, (n // 2,), generator=g)
+        elif val == "train":
+            self.vx, self.vy = self.x, self.y
+        else:
+            raise ValueError(f"val={val!r}: choose 'shifted' or 'train'")
+        self.batch_size, self.indexed, self.num_classes = batch_size, indexed, 10
 
     def sample_inputs(self, n: int = 1) -> torch.Tensor:
         return self.x[:n]
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
+        ds = TensorDataset(self.x, self.y)
+        if self.indexed:
+            return DataLoader(IndexedDataset(ds), batch_size=self.batch_size, shuffle=False, collate_fn=IndexedCollate())
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False)
 
     def val_dataloader(self):
         return DataLoader(TensorDataset(self.vx, self.vy), batch_size=self.batch_size, shuffle=False)
 
     test_dataloader = predict_dataloader = val_dataloader
+
+
+def same_as_train(n: int = 48, batch_size: int = 8, indexed: bool = False) -> UserData:
+    """16x16 images whose validation/test split is the training set (the callback test files' data)."""
+    return UserData(n=n, batch_size=batch_size, size=16, val="train", indexed=indexed)
 
 
 #: What every test Trainer shares: CPU, no logger, no progress bar, no model summary, no checkpoints.

@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from lightning_eff.bench.common import Timings, bench_parser, set_threads, write_bench
-from lightning_eff.measure import cpu_capability, format_table, saved_activation_bytes, train_step_fn
+from lightning_eff.measure import (
+    cpu_capability,
+    format_table,
+    saved_activation_bytes,
+    train_step_fn,
+)
 from lightning_eff.training.checkpointing import apply_activation_checkpointing
 from lightning_eff.training.layout import ChannelsLastInput, compile_network
 

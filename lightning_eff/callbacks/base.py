@@ -16,7 +16,6 @@ The check runs at fit start (after ``configure_model``); callbacks that operate 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from lightning_eff.callbacks.common import (
 )
 from lightning_eff.errors import ConfigError
 from lightning_eff.naming import remap_keys
+from lightning_eff.validation import renamed_option
 
 __all__ = ["EffCallback", "output_dir_option", "install_name_remap"]
 
@@ -40,13 +40,7 @@ def output_dir_option(output_dir: Any, who: str, **old_names: Any) -> str | None
     Raises:
         ConfigError: both names given, or a value that is not a path.
     """
-    given = {k: v for k, v in old_names.items() if v is not None}
-    if given:
-        old, value = next(iter(given.items()))
-        if output_dir is not None:
-            raise ConfigError(f"{who}: give output_dir only (got output_dir={output_dir!r} and {old}={value!r}).")
-        warnings.warn(f"{who}({old}=...) is renamed output_dir=...; {old} will be removed.", FutureWarning, stacklevel=3)
-        output_dir = value
+    output_dir = renamed_option("output_dir", output_dir, who, stacklevel=4, **old_names)
     if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
         raise ConfigError(f"{who}: output_dir={output_dir!r} must be a path or None.")
     return None if output_dir is None else os.fspath(output_dir)

@@ -38,7 +38,7 @@ from lightning_eff.training.checkpointing import (
     check_segments,
     remove_activation_checkpointing,
 )
-from lightning_eff.validation import check_bool, check_choice
+from lightning_eff.validation import check_bool, check_choice, renamed_option
 
 __all__ = ["ActivationCheckpointing"]
 
@@ -50,9 +50,9 @@ class ActivationCheckpointing(EffCallback):
     """Checkpoint the network's blocks during training: activations of a block are recomputed in backward.
 
     Args:
-        modules: ``"auto"`` (transformer layers, timm blocks/stages, the longest list of blocks) or
-            regexes over module names, e.g. ``["features\\\\.\\\\d+"]``.
-        module_types: class names to checkpoint (``["InvertedResidual"]``), alone or with ``modules``.
+        include: ``"auto"`` (the default: transformer layers, timm blocks/stages, the longest list of blocks) or
+            regexes over module names, e.g. ``["features\\\\.\\\\d+"]`` (``modules`` is its old name).
+        module_types: class names to checkpoint (``["InvertedResidual"]``), alone or with ``include``.
         exclude: regexes of module names never checkpointed.
         use_model_switch: ``"auto"``: a Hugging Face / timm model's own switch when it is safe
             (no BatchNorm state); ``"always"``; ``"never"`` (always wrap blocks here).
@@ -74,7 +74,7 @@ class ActivationCheckpointing(EffCallback):
 
     def __init__(
         self,
-        modules: str | Sequence[str] = "auto",
+        include: str | Sequence[str] | None = None,
         module_types: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         use_model_switch: str = "auto",
@@ -83,14 +83,17 @@ class ActivationCheckpointing(EffCallback):
         reentrant: bool = False,
         memory_budget: float | None = None,
         module_attr: str | None = DEFAULT_MODULE_ATTR,
+        modules: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(module_attr)
+        modules = renamed_option("include", include, "ActivationCheckpointing", modules=modules)
+        modules = "auto" if modules is None else modules
         if modules != "auto":
-            ModuleSelector(include=modules, exclude=exclude, types=module_types, option="modules")  # checks the patterns
+            ModuleSelector(include=modules, exclude=exclude, types=module_types)  # checks the patterns
         elif exclude is not None:
-            ModuleSelector(exclude=exclude, option="modules")
+            ModuleSelector(exclude=exclude)
         # plain lists (Hydra gives ListConfig): state_key and the checkpoint see the same values either way
-        self.modules = modules if isinstance(modules, str) else list(modules)
+        self.include = modules if isinstance(modules, str) else list(modules)
         self.module_types = module_types if module_types is None or isinstance(module_types, str) else list(module_types)
         self.exclude = exclude if exclude is None or isinstance(exclude, str) else list(exclude)
         self.use_model_switch = check_choice("use_model_switch", use_model_switch, MODEL_SWITCH_CHOICES)
@@ -102,7 +105,8 @@ class ActivationCheckpointing(EffCallback):
 
     @property
     def state_key(self) -> str:  # noqa: D102
-        return self.state_key_of(modules=self.modules, module_types=self.module_types, memory_budget=self.memory_budget,
+        # `modules=`: the key's old spelling, so older checkpoints still resume
+        return self.state_key_of(modules=self.include, module_types=self.module_types, memory_budget=self.memory_budget,
                                  module_attr=self.module_attr)
 
     def _check_strategy(self, trainer: L.Trainer) -> None:
@@ -127,7 +131,7 @@ class ActivationCheckpointing(EffCallback):
                 raise ConfigError("ActivationCheckpointing(memory_budget=...) needs example inputs to profile the blocks: "
                                   "give the datamodule a sample_inputs(n) method or a train dataloader.")
         self.info = apply_activation_checkpointing(
-            net, modules=self.modules, module_types=self.module_types, exclude=self.exclude,
+            net, include=self.include, module_types=self.module_types, exclude=self.exclude,
             use_model_switch=self.use_model_switch, segments=self.segments,
             preserve_rng_state=self.preserve_rng_state, reentrant=self.reentrant,
             memory_budget=self.memory_budget, example_inputs=inputs)

@@ -43,10 +43,17 @@ from lightning_eff.compression.quantization.weight_only import (
     quantize_weights,
     save_quantized,
     weight_quantization_error,
+    weight_selector,
 )
 from lightning_eff.errors import ConfigError
 from lightning_eff.measure import gzip_size, serialize_state_dict
-from lightning_eff.validation import as_list, check_bool, check_choice, check_int
+from lightning_eff.validation import (
+    as_list,
+    check_bool,
+    check_choice,
+    check_int,
+    renamed_option,
+)
 
 __all__ = ["WeightOnlyQuantization", "BITS", "WEIGHT_ONLY_SCHEMES"]
 
@@ -63,7 +70,11 @@ class WeightOnlyQuantization(EffCallback):
             variant ``weight_only_int<b>`` per entry.
         scheme: ``"affine"`` (unsigned codes with zero point, survey Algorithm 2) or ``"symmetric"``.
         per_channel: one scale (and zero point) per output channel instead of one per tensor.
-        min_numel: weights with fewer elements stay float (a thin stem conv gains little, loses accuracy).
+        include: module types and/or regexes searched in module names (default: every ``Linear`` and ``Conv2d``).
+        exclude: regexes searched in module names; matching modules stay float.
+        module_types: class names a selected module must also be (``None`` = any).
+        min_params: weights with fewer elements stay float (a thin stem conv gains little, loses accuracy);
+            ``min_numel`` is its old name. The four selection options are those of every technique.
         output_dir: folder of the files; default ``<trainer.default_root_dir>/weight_only`` (``dirpath`` is its old name).
         verify_examples: real examples the restored model is compared on (top-1 agreement, max error).
         module_attr: attribute of the LightningModule holding the network.
@@ -80,11 +91,15 @@ class WeightOnlyQuantization(EffCallback):
         bits: list[int] | None = None,
         scheme: str = "affine",
         per_channel: bool = True,
-        min_numel: int = 0,
+        min_params: int | None = None,
         output_dir: str | None = None,
         dirpath: str | None = None,
         verify_examples: int = 16,
         module_attr: str = "model",
+        include: Any = None,
+        exclude: list[str] | str | None = None,
+        module_types: list[str] | str | None = None,
+        min_numel: int | None = None,
     ) -> None:
         super().__init__(module_attr)
         bits = [8, 4, 2] if bits is None else as_list("bits", bits)
@@ -95,7 +110,11 @@ class WeightOnlyQuantization(EffCallback):
             raise ConfigError(f"bits={bits!r} repeats a bit-width; each of {BITS} may appear once.")
         self.scheme = check_choice("scheme", scheme, WEIGHT_ONLY_SCHEMES)
         self.per_channel = check_bool("per_channel", per_channel)
-        self.min_numel = check_int("min_numel", min_numel, low=0)
+        min_params = renamed_option("min_params", min_params, "WeightOnlyQuantization", min_numel=min_numel)
+        self.min_params = check_int("min_params", 0 if min_params is None else min_params, low=0)
+        self.include = (nn.Linear, nn.Conv2d) if include is None else include
+        self.exclude, self.module_types = exclude, module_types
+        weight_selector(self.include, exclude, module_types)  # bad selection options fail here, not after training
         self.output_dir = output_dir_option(output_dir, "WeightOnlyQuantization", dirpath=dirpath)
         self.verify_examples = check_int("verify_examples", verify_examples, low=1)
         self._models: dict[str, nn.Module] = {}
@@ -129,7 +148,8 @@ class WeightOnlyQuantization(EffCallback):
         self._models, self._artifacts = {}, []
         for bits in self.bits:
             variant = f"weight_only_int{bits}"
-            qw = quantize_weights(net, bits=bits, scheme=self.scheme, per_channel=self.per_channel, min_numel=self.min_numel)
+            qw = quantize_weights(net, bits=bits, scheme=self.scheme, per_channel=self.per_channel,
+                                  include=self.include, exclude=self.exclude, module_types=self.module_types, min_params=self.min_params)
             path = folder / f"{variant}.pt"
             save_quantized(qw, path)
             # The variant is what the file restores, not the in-memory codes: the round trip is part of the check.

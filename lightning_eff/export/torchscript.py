@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_eff.errors import ConfigError
 from lightning_eff.export.core import (
     METADATA_NAME,
     _atomic_target,
@@ -23,7 +24,6 @@ from lightning_eff.export.core import (
     _to_script,
     _warn_if_fake_quant,
 )
-from lightning_eff.errors import ConfigError
 from lightning_eff.export.registry import Exporter, register_exporter
 from lightning_eff.validation import check_bool
 

@@ -58,27 +58,32 @@ def mobilenetv2(
     in_chans: int = 1,
     small_input_stages: int = 2,
     drop_rate: float = 0.0,
+    depth: float = 1.0,
 ) -> nn.Module:
     """timm MobileNetV2 with width multiplier ``width`` (1.0 = ``mobilenetv2_100``).
 
     Args:
         width: channel (width) multiplier, the survey's depth multiplier trade-off knob.
+        depth: block-repeat multiplier per stage (timm's ``depth_multiplier``; each stage keeps at least
+            one block: 0.3 gives 8 of the 17 blocks).
         num_classes: classifier outputs.
         in_chans: input channels (1 for Fashion-MNIST, 3 for RGB).
         small_input_stages: stride-2 layers turned into stride 1 for small images (0 = ImageNet stem).
         drop_rate: dropout before the classifier.
     """
     _check(width, num_classes, in_chans, small_input_stages)
+    check_number("model.depth", depth, low=0.0, high=4.0, low_inclusive=False)
     model = _timm_effnet._gen_mobilenet_v2(
-        "mobilenetv2_100", channel_multiplier=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+        "mobilenetv2_100", channel_multiplier=width, depth_multiplier=depth, num_classes=num_classes, in_chans=in_chans,
+        drop_rate=drop_rate,
     )
     return adapt_stem_to_small_inputs(model, small_input_stages)
 
 
 @register_model("mobilenetv2_tiny")
-def mobilenetv2_tiny(num_classes: int = 10, in_chans: int = 1, small_input_stages: int = 2) -> nn.Module:
-    """A 0.25-width MobileNetV2 for tests (same structure, ~0.2M parameters)."""
-    return mobilenetv2(width=0.25, num_classes=num_classes, in_chans=in_chans, small_input_stages=small_input_stages)
+def mobilenetv2_tiny(num_classes: int = 10, in_chans: int = 1, small_input_stages: int = 2, depth: float = 1.0) -> nn.Module:
+    """A 0.25-width MobileNetV2 for tests (same structure, ~0.2M parameters; ``depth=0.3``: 8 blocks)."""
+    return mobilenetv2(width=0.25, num_classes=num_classes, in_chans=in_chans, small_input_stages=small_input_stages, depth=depth)
 
 
 @register_model("mobilenetv3")

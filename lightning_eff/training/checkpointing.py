@@ -55,7 +55,7 @@ from torch import nn
 from lightning_eff.errors import ConfigError, NoEffectWarning
 from lightning_eff.naming import canonical_name, unwrap_model
 from lightning_eff.surgery import ModuleSelector, get_submodule, set_submodule
-from lightning_eff.validation import check_bool, check_choice
+from lightning_eff.validation import check_bool, check_choice, renamed_option
 
 __all__ = [
     "CheckpointingInfo",
@@ -197,7 +197,10 @@ def _load(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
 
 
 def _wrap(module: nn.Module, preserve_rng_state: bool, reentrant: bool = False) -> nn.Module:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
 
     if reentrant:
         return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.REENTRANT, preserve_rng_state=preserve_rng_state)
@@ -374,7 +377,7 @@ def choose_blocks(profile: dict[str, Any], memory_budget: float) -> list[str]:
 
 def apply_activation_checkpointing(
     net: nn.Module,
-    modules: str | Sequence[str] | None = "auto",
+    include: str | Sequence[str] | None = None,
     module_types: Sequence[Any] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     use_model_switch: str = "auto",
@@ -383,14 +386,17 @@ def apply_activation_checkpointing(
     reentrant: bool = False,
     memory_budget: float | None = None,
     example_inputs: Any = None,
+    modules: str | Sequence[str] | None = None,
 ) -> CheckpointingInfo:
     """Checkpoint the selected blocks of ``net`` in place (non-reentrant ``torch.utils.checkpoint``).
 
     Args:
         net: the network (a ``torch.compile``/DDP wrapper is looked through).
-        modules: ``"auto"`` (:func:`auto_blocks`: transformer layers, timm blocks/stages, ...) or regexes
-            over canonical module names (``["blocks\\\\.\\\\d+"]``); nested matches keep the outermost.
-        module_types: class names (or classes) to checkpoint, alone or with ``modules`` regexes.
+        include: ``"auto"`` (the default, :func:`auto_blocks`: transformer layers, timm blocks/stages, ...) or
+            regexes over canonical module names (``["blocks\\\\.\\\\d+"]``); nested matches keep the outermost.
+            ``include``/``exclude``/``module_types`` are the selection options of every technique
+            (:class:`~lightning_eff.surgery.ModuleSelector`); ``modules`` is the old name of ``include``.
+        module_types: class names (or classes) to checkpoint, alone or with ``include`` regexes.
         exclude: regexes of module names never checkpointed (nor anything inside them).
         use_model_switch: ``"auto"`` uses a Hugging Face / timm model's own switch unless the model has
             BatchNorm-like state (their switches would update it twice); ``"always"`` / ``"never"``.
@@ -418,6 +424,8 @@ def apply_activation_checkpointing(
     if memory_budget is not None and example_inputs is None:
         raise ConfigError("memory_budget needs example_inputs (a training batch's inputs) to profile the blocks.")
     check_segments(segments)
+    modules = renamed_option("include", include, "apply_activation_checkpointing", modules=modules)
+    modules = "auto" if modules is None else modules
     auto = modules == "auto" and module_types is None
     if modules == "auto":
         modules = None
@@ -457,9 +465,9 @@ def apply_activation_checkpointing(
         if auto:
             names = auto_blocks(net)
         else:
-            selector = ModuleSelector(include=modules, exclude=exclude, types=module_types, option="modules")
+            selector = ModuleSelector(include=modules, exclude=exclude, types=module_types)
             names = [canonical_name(n) for n, _ in selector.select(net) if n]
-        excluded = ModuleSelector(exclude=exclude, option="modules")  # a module excluded: its submodules too
+        excluded = ModuleSelector(exclude=exclude)  # a module excluded: its submodules too
         names = _outermost([n for n in names
                             if all(excluded.name_selected(".".join(n.split(".")[:i])) for i in range(1, n.count(".") + 2))])
         profile = None

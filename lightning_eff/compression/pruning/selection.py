@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_eff.errors import ConfigError, NoEffectWarning, did_you_mean
 from lightning_eff.naming import canonical_name
-from lightning_eff.surgery import check_patterns, type_matches
+from lightning_eff.surgery import ModuleSelector, check_patterns, type_matches
 from lightning_eff.validation import check_bool, check_int
 
 __all__ = ["DEFAULT_MODULE_TYPES", "select_parameters", "prunable_parameters", "type_matches", "get_parameter", "check_patterns"]
@@ -95,9 +95,9 @@ def select_parameters(
     Warns:
         NoEffectWarning: an include pattern matches no module, or nothing at all is selected.
     """
-    include = check_patterns("include", include)
-    exclude = check_patterns("exclude", exclude) or []
-    check_int("min_params", min_params, low=0)
+    selector = ModuleSelector(include=include, exclude=exclude, types=module_types)  # names and types: the shared selector
+    include = selector.include
+    check_int("min_params", min_params, low=0)  # per parameter here (ModuleSelector's counts a module's own parameters)
     check_bool("skip_first", skip_first)
     if isinstance(parameter_names, str):
         parameter_names = [parameter_names]
@@ -107,15 +107,13 @@ def select_parameters(
     seen: set[int] = set()
     first_done = False
     for name, module in modules.items():
-        cname = canonical_name(name)  # patterns see the plain network's names under any wrapper
-        matched = [p for p in include if re.fullmatch(p, cname)] if include is not None else []
-        if include is not None and not matched:
+        if not selector.name_selected(name):  # canonical names: the plain network's names under any wrapper
             continue
-        if any(re.fullmatch(p, cname) for p in exclude):
-            continue
-        for pattern in matched:
-            hits[pattern].append(name)
-        if not type_matches(module, module_types):
+        cname = canonical_name(name)
+        for pattern in include or []:
+            if re.fullmatch(pattern, cname):
+                hits[pattern].append(name)
+        if not type_matches(module, selector.types):
             continue
         taken = False
         for attr in parameter_names:
@@ -148,7 +146,7 @@ def select_parameters(
             )
     if not selected:
         warnings.warn(
-            f"no parameter selected (include={include}, exclude={exclude}, module_types={module_types}, "
+            f"no parameter selected (include={include}, exclude={selector.exclude or None}, module_types={module_types}, "
             f"parameter_names={list(parameter_names)}, min_params={min_params}); pruning has no effect.",
             NoEffectWarning,
             stacklevel=2,

@@ -19,7 +19,7 @@ get_symmetric_quantization_config}``.
 Example:
     >>> from lightning_eff.models import create_model
     >>> x = torch.randn(2, 1, 32, 32)
-    >>> prepared = prepare_pt2e_model(create_model("mobilenetv2_tiny"), (x,), qat=True)
+    >>> prepared = prepare_pt2e_model(create_model("mobilenetv2_tiny", depth=0.3), (x,), qat=True)
     >>> prepared(x).sum().backward()                  # QAT step
     >>> int8 = convert_pt2e_model(prepared)           # a copy; prepared still trains
 """
@@ -52,6 +52,86 @@ def pt2e_available() -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------- pattern cache
+_PATTERN_CACHE: dict[Any, Any] = {}
+_PATTERN_MODULES = (  # the modules that bind torchao's pattern tracer to a global name of their own
+    "torchao.quantization.pt2e.utils",
+    "torchao.quantization.pt2e.qat_utils",
+    "torchao.quantization.pt2e.reference_representation_rewrite",
+    "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils",
+)
+
+
+def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dict) -> Any:
+    """A hashable description of one pattern trace, or ``None`` when it cannot be described safely."""
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+        if isinstance(value, (bool, int, float, str, type(None))) or callable(value):
+            return value
+        if isinstance(value, (tuple, list)):
+            return tuple(describe(v) for v in value)
+        raise TypeError(type(value).__name__)
+
+    fn = pattern
+    if isinstance(pattern, nn.Module):  # torchao wraps each pattern function in a WrapperModule(fn)
+        if type(pattern).__name__ != "WrapperModule" or next(pattern.parameters(), None) is not None \
+                or next(pattern.buffers(), None) is not None or next(pattern.children(), None) is not None:
+            return None
+        fn = getattr(pattern, "fn", None)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    try:
+        cells = tuple(describe(c.cell_contents) for c in (fn.__closure__ or ()))
+        if any(isinstance(c.cell_contents, torch.Tensor) for c in (fn.__closure__ or ())):
+            return None  # a captured tensor is a constant of the graph: its values matter
+        key = (code, cells, describe(tuple(example_inputs)), bool(is_cuda),
+               tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
+def _cached_pattern_tracer(trace: Any) -> Any:
+    """torchao's ``_get_aten_graph_module_for_pattern``, remembering each traced pattern.
+
+    torchao traces the same small patterns (conv-bn, conv-bn-relu, quantize/dequantize variants) with
+    ``torch.export`` on every ``prepare``/``convert``: about 0.5 s each here, 100+ of them in one pt2e QAT
+    ``convert``. The graph depends only on the pattern function (its code and captured flags), the
+    example shapes/dtypes and ``is_cuda``, so the first trace is kept and each call gets a fresh copy of
+    its graph (callers edit the graph they receive). ``LIGHTNING_EFF_PT2E_PATTERN_CACHE=0`` turns it off.
+    """
+    def traced(pattern, example_inputs, is_cuda=False, **kwargs):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return trace(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERN_CACHE:
+            _PATTERN_CACHE[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+        cached = _PATTERN_CACHE[key]
+        return torch.fx.GraphModule(cached, copy.deepcopy(cached.graph), class_name=type(cached).__name__)
+
+    traced.__wrapped__ = trace
+    return traced
+
+
+def _install_pattern_cache() -> None:
+    import importlib
+    import os
+
+    if os.environ.get("LIGHTNING_EFF_PT2E_PATTERN_CACHE", "1") == "0":
+        return
+    for name in _PATTERN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        current = getattr(module, "_get_aten_graph_module_for_pattern", None)
+        if current is not None and not hasattr(current, "__wrapped__"):
+            module._get_aten_graph_module_for_pattern = _cached_pattern_tracer(current)
+
+
 def _imports():
     try:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -70,6 +150,7 @@ def _imports():
         )
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ExportUnavailableError(f"{_MISSING} ({err}).") from err
+    _install_pattern_cache()
     return {
         "XNNPACKQuantizer": XNNPACKQuantizer,
         "get_symmetric_quantization_config": get_symmetric_quantization_config,

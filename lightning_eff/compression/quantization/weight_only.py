@@ -28,8 +28,9 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from torch import nn
 from lightning_eff.compression.quantization.affine import DEFAULT_EPS, qrange, quantize
 from lightning_eff.errors import ConfigError, NoEffectWarning
 from lightning_eff.surgery import ModuleSelector
-from lightning_eff.validation import check_bool, check_choice, check_int
+from lightning_eff.validation import check_bool, check_choice, check_int, renamed_option
 
 __all__ = [
     "SCHEMES",
@@ -50,6 +51,7 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "weight_quantization_error",
+    "weight_selector",
 ]
 
 SCHEMES = ("affine", "symmetric", "binary", "ternary")
@@ -165,7 +167,7 @@ class QuantizedWeights:
         tensors: ``state_dict`` key (e.g. ``"fc.weight"``) -> :class:`QuantizedTensor`.
         rest: The remaining ``state_dict`` entries (biases, BatchNorm, unselected weights), unchanged.
         aliases: Tied weights: extra key -> the key it shares its tensor with.
-        config: The options used (scheme, bits, per_channel, min_numel).
+        config: The options used (scheme, bits, per_channel, min_params).
     """
 
     def __init__(self, tensors: dict, rest: dict, aliases: dict, config: dict) -> None:
@@ -213,11 +215,14 @@ def quantize_weights(
     scheme: str = "affine",
     per_channel: bool = True,
     include=(nn.Linear, nn.Conv2d),
-    min_numel: int = 0,
+    min_params: int | None = None,
+    exclude: Sequence[str] | str | None = None,
+    module_types: Sequence[Any] | str | None = None,
+    min_numel: int | None = None,
 ) -> QuantizedWeights:
     """Quantize the ``weight`` of selected modules to packed ``bits``-bit codes.
 
-    The model is not modified. Only weights with at least 2 dimensions and ``min_numel``
+    The model is not modified. Only weights with at least 2 dimensions and ``min_params``
     elements are quantized (tiny tensors such as a first conv gain little and lose accuracy).
 
     Args:
@@ -228,19 +233,25 @@ def quantize_weights(
         per_channel: One scale per output channel (axis 0) instead of one per tensor.
         include: Module types, a regex searched in module names (``"classifier|blocks\\.[3-6]"``),
             or a list/tuple mixing both; a module is selected if any entry matches.
-        min_numel: Weights with fewer elements stay in their float dtype.
+        min_params: Weights with fewer elements stay in their float dtype (``min_numel`` is its old name).
+        exclude: Regexes searched in module names; a matching module stays float.
+        module_types: Class names (or classes) a selected module must also be (``None`` = any).
+            ``include``/``exclude``/``module_types``/``min_params`` are the selection options of
+            every technique (:class:`lightning_eff.surgery.ModuleSelector`).
 
     Returns:
         A :class:`QuantizedWeights`.
 
     Raises:
-        ConfigError: Bad ``bits``, ``scheme``, ``per_channel``, ``include`` or ``min_numel``.
+        ConfigError: Bad ``bits``, ``scheme``, ``per_channel``, ``include``, ``exclude``, ``module_types``
+            or ``min_params``.
     """
     scheme = check_choice("scheme", scheme, SCHEMES)
     bits = _check_bits(bits, scheme)
     per_channel = check_bool("per_channel", per_channel)
-    min_numel = check_int("min_numel", min_numel, low=0)
-    matches = _selector(include)
+    min_params = renamed_option("min_params", min_params, "quantize_weights", min_numel=min_numel)
+    min_params = check_int("min_params", 0 if min_params is None else min_params, low=0)
+    matches = weight_selector(include, exclude, module_types)
 
     state = model.state_dict(keep_vars=True)
     owner = {id(t): k for k, t in reversed(list(state.items()))}  # first key of each (possibly tied) tensor
@@ -250,15 +261,16 @@ def quantize_weights(
         key = f"{name}.weight" if name else "weight"
         if not isinstance(w, torch.Tensor) or key not in state or not matches(name, module):
             continue
-        if w.dim() < 2 or not w.is_floating_point() or w.numel() < min_numel or owner[id(w)] != key:
+        if w.dim() < 2 or not w.is_floating_point() or w.numel() < min_params or owner[id(w)] != key:
             continue
         tensors[key] = _quantize_tensor(w.detach(), bits, scheme, per_channel)
     if not tensors:
-        warnings.warn(f"quantize_weights: include={include!r} (min_numel={min_numel}) selected no weight; nothing is quantized.",
+        warnings.warn(f"quantize_weights: include={include!r} (exclude={exclude!r}, module_types={module_types!r}, "
+                      f"min_params={min_params}) selected no weight; nothing is quantized.",
                       NoEffectWarning, stacklevel=2)
     aliases = {k: owner[id(t)] for k, t in state.items() if owner[id(t)] != k and owner[id(t)] in tensors}
     rest = {k: t.detach().clone() for k, t in state.items() if k not in tensors and k not in aliases}
-    config = {"scheme": scheme, "bits": bits, "per_channel": per_channel, "min_numel": min_numel}
+    config = {"scheme": scheme, "bits": bits, "per_channel": per_channel, "min_params": min_params}
     return QuantizedWeights(tensors, rest, aliases, config)
 
 
@@ -406,13 +418,14 @@ def _check_bits(bits, scheme: str) -> int:
     return check_int("bits", bits, low=2, high=8)
 
 
-def _selector(include) -> Callable[[str, nn.Module], bool]:
-    """``include`` entries are module classes or regexes searched in module names; a module matching either is taken.
+def weight_selector(include, exclude=None, module_types=None) -> Callable[[str, nn.Module], bool]:
+    """``include`` entries are module classes or regexes searched in module names; a module matching either is taken,
+    unless its name matches an ``exclude`` regex or it is not one of ``module_types``.
 
     Built from :class:`lightning_eff.surgery.ModuleSelector` (one selector for every technique): names are
     matched on their canonical form, so a wrapped network (``torch.compile``, checkpoint wrappers) selects alike.
     """
-    entries = list(include) if isinstance(include, (list, tuple)) else [include]
+    entries = [include] if isinstance(include, (str, type)) or not isinstance(include, Iterable) else list(include)  # ListConfig too
     if not entries:
         raise ConfigError("include=() selects nothing; pass module types and/or a regex on module names.")
     types, patterns = [], []
@@ -425,4 +438,10 @@ def _selector(include) -> Callable[[str, nn.Module], bool]:
             raise ConfigError(f"include entry {entry!r} must be an nn.Module subclass or a regex string on module names.")
     by_type = ModuleSelector(types=types) if types else None
     by_name = ModuleSelector(include=patterns, match="search") if patterns else None
-    return lambda name, module: bool((by_type and by_type.selects(name, module)) or (by_name and by_name.selects(name, module)))
+    also = ModuleSelector(exclude=exclude, types=module_types, match="search")  # both None: every module
+
+    def matches(name: str, module: nn.Module) -> bool:
+        taken = bool((by_type and by_type.selects(name, module)) or (by_name and by_name.selects(name, module)))
+        return taken and also.selects(name, module)
+
+    return matches

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
 import torch
+
+# Where PYTHONDONTWRITEBYTECODE is set (this project's machines set it), every process of the suite would
+# recompile lightning_eff and pytest would re-rewrite every test module on each run. The suite caches them
+# (in the git-ignored __pycache__ folders); the subprocesses it starts read those caches.
+sys.dont_write_bytecode = False
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and does not fight other processes
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")

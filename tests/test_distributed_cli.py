@@ -200,6 +200,7 @@ def _assert_clean(output: str) -> None:
     assert "gpuGetDeviceCount" not in output and "USDT:" not in output, "kineto's own lines are back"
 
 
+@pytest.mark.heavy
 @needs_fmnist
 @pytest.mark.slow
 @pytest.mark.ddp
@@ -217,6 +218,7 @@ def test_two_process_cpu_run_is_clean_and_uses_its_hook(tmp_path):
     assert row["peak_mem_mb"] is not None  # the profiler did measure, quietly
 
 
+@pytest.mark.heavy
 @needs_fmnist
 @pytest.mark.slow
 def test_local_submitit_multirun_of_two_jobs(tmp_path):
@@ -229,6 +231,7 @@ def test_local_submitit_multirun_of_two_jobs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0", "1"]
 
 
+@pytest.mark.heavy
 @needs_fmnist
 @pytest.mark.slow
 @pytest.mark.ddp

@@ -414,6 +414,7 @@ def test_monitor_rejects_bad_options(kwargs, match):
         FootprintMonitor(**kwargs)
 
 
+@pytest.mark.heavy
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_monitor_under_ddp_rank_zero_writes(tmp_path):

@@ -180,6 +180,7 @@ class _RecordBatches(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.heavy
 @needs_wordnet
 @pytest.mark.ddp
 def test_lightning_ddp_keeps_the_buckets_and_sets_the_epoch(tmp_path):

@@ -9,7 +9,12 @@ import pytest
 from test_qat_executorch import conv_net
 from test_quant_callbacks import TinyData, _task, _trainer
 
-from lightning_eff import ClassificationTask, Export, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_eff import (
+    ClassificationTask,
+    Export,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_eff.errors import ConfigError
 
 

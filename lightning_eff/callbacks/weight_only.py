@@ -39,6 +39,7 @@ from lightning_eff.batch import cpu_copy
 from lightning_eff.callbacks.base import EffCallback, output_dir_option
 from lightning_eff.callbacks.common import example_inputs
 from lightning_eff.compression.quantization.weight_only import (
+    DEFAULT_INCLUDE,
     load_quantized,
     quantize_weights,
     save_quantized,
@@ -112,7 +113,7 @@ class WeightOnlyQuantization(EffCallback):
         self.per_channel = check_bool("per_channel", per_channel)
         min_params = renamed_option("min_params", min_params, "WeightOnlyQuantization", min_numel=min_numel)
         self.min_params = check_int("min_params", 0 if min_params is None else min_params, low=0)
-        self.include = (nn.Linear, nn.Conv2d) if include is None else include
+        self.include = DEFAULT_INCLUDE if include is None else include
         self.exclude, self.module_types = exclude, module_types
         weight_selector(self.include, exclude, module_types)  # bad selection options fail here, not after training
         self.output_dir = output_dir_option(output_dir, "WeightOnlyQuantization", dirpath=dirpath)

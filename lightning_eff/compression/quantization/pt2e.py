@@ -82,10 +82,11 @@ def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dic
     code = getattr(fn, "__code__", None)
     if code is None:
         return None
+    captured = [c.cell_contents for c in (fn.__closure__ or ())]
+    if any(isinstance(v, torch.Tensor) for v in captured):
+        return None  # a captured tensor is a constant of the graph: its values matter
     try:
-        cells = tuple(describe(c.cell_contents) for c in (fn.__closure__ or ()))
-        if any(isinstance(c.cell_contents, torch.Tensor) for c in (fn.__closure__ or ())):
-            return None  # a captured tensor is a constant of the graph: its values matter
+        cells = tuple(describe(v) for v in captured)
         key = (code, cells, describe(tuple(example_inputs)), bool(is_cuda),
                tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
         hash(key)
@@ -116,12 +117,18 @@ def _cached_pattern_tracer(trace: Any) -> Any:
     return traced
 
 
+_PATTERN_CACHE_INSTALLED = False
+
+
 def _install_pattern_cache() -> None:
+    """Wrap torchao's pattern tracer in :func:`_cached_pattern_tracer` (once per process)."""
     import importlib
     import os
 
-    if os.environ.get("LIGHTNING_EFF_PT2E_PATTERN_CACHE", "1") == "0":
+    global _PATTERN_CACHE_INSTALLED
+    if _PATTERN_CACHE_INSTALLED or os.environ.get("LIGHTNING_EFF_PT2E_PATTERN_CACHE", "1") == "0":
         return
+    _PATTERN_CACHE_INSTALLED = True
     for name in _PATTERN_MODULES:
         try:
             module = importlib.import_module(name)

@@ -42,6 +42,7 @@ from lightning_eff.validation import check_bool, check_choice, check_int, rename
 
 __all__ = [
     "SCHEMES",
+    "DEFAULT_INCLUDE",
     "QuantizedTensor",
     "QuantizedWeights",
     "pack_codes",
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 SCHEMES = ("affine", "symmetric", "binary", "ternary")
+#: What ``include`` selects by default: every Linear and Conv2d weight.
+DEFAULT_INCLUDE = (nn.Linear, nn.Conv2d)
 _FORMAT, _VERSION = "lightning_eff.weight_only", 1
 _DEFAULT_BITS = {"affine": 4, "symmetric": 4, "binary": 1, "ternary": 2}
 
@@ -214,7 +217,7 @@ def quantize_weights(
     bits: int | None = None,
     scheme: str = "affine",
     per_channel: bool = True,
-    include=(nn.Linear, nn.Conv2d),
+    include=DEFAULT_INCLUDE,
     min_params: int | None = None,
     exclude: Sequence[str] | str | None = None,
     module_types: Sequence[Any] | str | None = None,

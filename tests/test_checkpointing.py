@@ -267,3 +267,36 @@ def test_include_is_the_shared_selection_name_and_modules_its_old_spelling():
     assert old.include == [r"blocks\.\d+"] and old.state_key == ActivationCheckpointing(include=[r"blocks\.\d+"]).state_key
     with pytest.raises(ConfigError, match="give include only"):
         ActivationCheckpointing(include="auto", modules="auto")
+
+
+def test_choose_blocks_frees_enough_memory_for_the_least_recomputation():
+    import itertools
+    import random
+
+    from lightning_eff.training.checkpointing import choose_blocks
+
+    rng = random.Random(0)
+    for _ in range(60):
+        n = rng.randint(2, 8)
+        blocks = {f"b{i}": {"saved": rng.uniform(0, 100), "inputs": rng.uniform(0, 30), "ms": rng.uniform(0.1, 10)}
+                  for i in range(n)}
+        total = sum(b["saved"] for b in blocks.values()) + rng.uniform(0, 50)
+        budget = rng.uniform(0.2, 0.9)
+        need = total * (1 - budget)
+        chosen = choose_blocks({"blocks": blocks, "total_saved": total}, budget)
+
+        def freed(names):
+            return sum(blocks[b]["saved"] - blocks[b]["inputs"] for b in names)
+
+        def cost(names):
+            return sum(blocks[b]["ms"] for b in names)
+
+        assert chosen == [b for b in blocks if b in chosen]  # network order
+        useful = [b for b in blocks if blocks[b]["saved"] > blocks[b]["inputs"]]
+        feasible = [c for r in range(len(useful) + 1) for c in itertools.combinations(useful, r) if freed(c) >= need]
+        if not feasible:
+            assert chosen == useful  # the budget cannot be met: every block that frees memory
+            continue
+        assert freed(chosen) >= need - 1e-9
+        assert cost(chosen) <= 1.1 * min(cost(c) for c in feasible) + 1e-9  # the brute-force optimum, up to rounding
+    assert choose_blocks({"blocks": {"a": {"saved": 5.0, "inputs": 1.0, "ms": 1.0}}, "total_saved": 5.0}, 1.0) == []

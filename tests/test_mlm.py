@@ -204,3 +204,30 @@ def test_mlm_task_learns_on_wordnet_and_saves_the_classifier_backbone(tmp_path):
     assert reloaded.mlm_head.predictions.decoder.weight is bert_encoder(reloaded.model).get_input_embeddings().weight
     test = trainer.test(task, datamodule=dm, verbose=False)[0]
     assert 0.0 < test["test/mlm_acc"] <= 1.0
+
+
+def test_mlm_masks_are_drawn_again_exactly_when_a_fit_resumes(tmp_path):
+    ids, attention = _random_batch(rows=48, length=16)
+    loader = DataLoader([{"input_ids": i, "attention_mask": a} for i, a in zip(ids, attention)], batch_size=16)
+
+    def make():
+        torch.manual_seed(0)
+        net = create_model("bert_student", num_classes=26, vocab_size=VOCAB, num_layers=1, hidden=32, heads=2,
+                           max_length=16, dropout=0.0)  # dropout draws from the global stream, which Lightning does not restore
+        return MLMTask(net, lr=3e-3, scheduler="constant", mask_token_id=MASK, special_ids=SPECIAL)
+
+    def fit(task, epochs, ckpt_path=None, save=None):
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(task, train_dataloaders=loader, ckpt_path=ckpt_path)
+        if save:
+            trainer.save_checkpoint(save)
+        return task
+
+    full = fit(make(), 2)
+    fit(make(), 1, save=tmp_path / "mid.ckpt")
+    resumed = make()
+    torch.manual_seed(99)  # the resumed process's global stream differs: the masks must not depend on it
+    fit(resumed, 2, ckpt_path=str(tmp_path / "mid.ckpt"))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

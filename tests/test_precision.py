@@ -20,7 +20,7 @@ AMX = {"capability": "AVX512", "avx2": True, "avx512f": True, "avx512_bf16": Tru
 AVX512_BF16 = {**AVX2, "capability": "AVX512", "avx512f": True, "avx512_bf16": True}
 
 
-@pytest.mark.parametrize("flags,expected", [(AVX2, "32-true"), (AMX, "bf16-mixed"), (AVX512_BF16, "bf16-mixed")])
+@pytest.mark.parametrize("flags,expected", [(AVX2, "32-true"), (AMX, "bf16-mixed"), (AVX512_BF16, "32-true")])
 def test_auto_on_cpus(flags, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert P.resolve_precision("auto", accelerator="auto", flags=flags) == expected

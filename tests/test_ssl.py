@@ -316,3 +316,49 @@ def test_the_knn_probe_is_reproducible_and_leaves_the_random_stream_alone():
     expected = (torch.rand(1), random.random(), np.random.rand())
     assert after == expected  # probing drew nothing from the global generators
     assert monitor.probe(Holder, task, "val") == a  # the same bank (in order, unaugmented) every time
+
+
+class _InOrder(L.LightningDataModule):
+    """Blobs in a fixed order (no shuffling): a resumed fit sees the same batches as the uninterrupted one."""
+
+    def __init__(self):
+        super().__init__()
+        self.data = Blobs()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.data.x, self.data.y), batch_size=16)
+
+
+def _fit_epochs(task, epochs, ckpt_path=None, save=None):
+    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, _InOrder(), ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return task
+
+
+def test_simclr_views_are_drawn_again_exactly_when_a_fit_resumes(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return SimCLRTask(TINY, lr=0.05, scheduler="constant")
+
+    full = _fit_epochs(make(), 2)
+    _fit_epochs(make(), 1, save=tmp_path / "mid.ckpt")
+    resumed = make()
+    torch.manual_seed(123)  # another global stream in the resumed process: the views must not depend on it
+    _fit_epochs(resumed, 2, ckpt_path=str(tmp_path / "mid.ckpt"))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.load(tmp_path / "mid.ckpt", weights_only=False)["lightning_eff_draw_seed"] == 0  # torch.manual_seed(0)
+    # every step draws other views, every rank its own; the global stream is left where it was
+    task = make()
+    state = torch.get_rng_state()
+    with task.step_rng(0):
+        a = task.views(Blobs().x[:4])
+    with task.step_rng(1):
+        b = task.views(Blobs().x[:4])
+    assert not torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)
+    from lightning_eff.tasks.draws import step_seed
+
+    assert len({step_seed(0, e, i, r) for e in range(3) for i in range(50) for r in range(4)}) == 600

@@ -40,10 +40,10 @@ def overrides_for(row: str) -> list[str]:
     raise SystemExit(f"unknown row {row!r}; choose from {list(ROWS)}")
 
 
-def _run(row: str, seed: int, steps: int, limit_test: int | None, root: Path) -> float:
+def _run(row: str, seed: int, steps: int, limit_test: int | None, root: Path, label_fraction: float) -> float:
     from lightning_eff.cli import compose, run
 
-    extra = [f"seed={seed}", f"data.seed={seed}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+    extra = [f"seed={seed}", f"data.seed={seed}", f"data.label_fraction={label_fraction}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
              f"run_dir={root / f'{row}_s{seed}'}", "print_report=false", "progress=false",
              "report.latency=false", "report.memory=false", "++trainer.enable_progress_bar=false",
              "++trainer.enable_model_summary=false", "callbacks.checkpoint=null"]
@@ -58,12 +58,16 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default: all; quick: {list(HEADLINE[:3])})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the headline rows (default 3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 150; quick 40)")
+    parser.add_argument("--label-fraction", type=float, default=0.1,
+                        help="fraction of the training labels (every class) each run trains on (default 0.1)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     quick = args.quick
     rows = args.rows or (list(HEADLINE[:3]) if quick else list(ROWS))
     seeds = args.seeds or (1 if quick else 3)
     steps = args.steps or (40 if quick else 150)
+    if not 0.0 < args.label_fraction <= 1.0:
+        raise SystemExit(f"--label-fraction={args.label_fraction} is not a fraction in (0, 1]")
     limit_test = 2000 if quick else None
     if "none" not in rows:
         rows = ["none", *rows]
@@ -72,7 +76,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp:
         for row in rows:
             n = seeds if row in HEADLINE else 1
-            accs[row] = [_run(row, seed, steps, limit_test, Path(tmp)) for seed in range(n)]
+            accs[row] = [_run(row, seed, steps, limit_test, Path(tmp), args.label_fraction) for seed in range(n)]
             print(f"augment row {row}: test acc {accs[row]}", flush=True)
     base = statistics.mean(accs["none"])
     table = {row: {"seeds": len(a), "test_acc_mean": statistics.mean(a), "spread": max(a) - min(a) if len(a) > 1 else None,
@@ -82,7 +86,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {"baseline_acc": base}
     result.update({f"{row}_gain": table[row]["gain_vs_none"] for row in table if row != "none"})
     result.update(best_row=best, runs=sum(len(a) for a in accs.values()))
-    payload = {"quick": quick, "cpu_capability": cpu_capability(), "steps": steps, "label_fraction": 0.1, "seeds": seeds,
+    payload = {"quick": quick, "cpu_capability": cpu_capability(), "steps": steps, "label_fraction": args.label_fraction, "seeds": seeds,
                "limit_test": limit_test, "rows": table, "wall_s": time.perf_counter() - t0}
     write_bench("augment", payload, result, args.out)
     return result

@@ -9,8 +9,9 @@ to the next stage and a checkpoint stores it under ``model.``, so those keys are
 fine-tuned classifier's (its pooler and classifier simply untrained); the MLM head
 (``self.mlm_head``, decoder tied to the word embeddings) is pretraining-only, as BERT's is.
 
-The corruption is :func:`lightning_eff.learning.ssl.mlm.mask_tokens`: training draws fresh masks from
-torch's global RNG every step (Lightning's ``seed_everything`` makes a run reproducible); validation
+The corruption is :func:`lightning_eff.learning.ssl.mlm.mask_tokens`: training draws fresh masks every
+step from a generator seeded for that batch (:class:`~lightning_eff.tasks.draws.StepDraws`: the run's seed,
+epoch, batch index and rank), so ``fit(ckpt_path=...)`` masks exactly what the uninterrupted run did; validation
 and test use a generator seeded with ``val_seed + batch_idx``, so every epoch scores the same masked
 tokens and ``val/mlm_loss`` is comparable across epochs and runs.
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_eff.tasks.draws import StepDraws
 from lightning_eff.batch import call_model, model_inputs
 from lightning_eff.errors import ConfigError
 from lightning_eff.learning.ssl.mlm import (
@@ -49,7 +51,7 @@ from lightning_eff.validation import check_int, check_number
 __all__ = ["MLMTask"]
 
 
-class MLMTask(L.LightningModule):
+class MLMTask(StepDraws, L.LightningModule):
     """Masked-token prediction (BERT's MLM objective) on a BERT classifier's encoder; the batch's labels are ignored.
 
     Args:
@@ -194,7 +196,8 @@ class MLMTask(L.LightningModule):
         return loss, correct, int(targets.numel())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # noqa: D102
-        loss, _, n = self._masked_loss(batch, None)
+        ids, _ = self._ids(batch)
+        loss, _, n = self._masked_loss(batch, self.step_generator(batch_idx, ids.device))
         self.log("train/mlm_loss", loss, prog_bar=True, batch_size=n)
         return loss
 

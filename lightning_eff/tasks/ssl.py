@@ -33,6 +33,7 @@ from lightning_eff.learning.ssl.contrastive import (
     rotate_batch,
 )
 from lightning_eff.models import create_model
+from lightning_eff.tasks.draws import StepDraws
 from lightning_eff.tasks.classification import (
     check_optimizer_options,
     configure_optimizers,
@@ -42,8 +43,12 @@ from lightning_eff.validation import build_node, check_number
 __all__ = ["SimCLRTask", "RotationTask"]
 
 
-class _PretrainTask(L.LightningModule):
-    """Shared: build ``self.model`` from a spec or take a module, optimizer options, and ``embed``."""
+class _PretrainTask(StepDraws, L.LightningModule):
+    """Shared: build ``self.model`` from a spec or take a module, optimizer options, and ``embed``.
+
+    Training draws (SimCLR's views) come from :class:`~lightning_eff.tasks.draws.StepDraws`: the same
+    batch gets the same views in an uninterrupted fit and in one resumed with ``fit(ckpt_path=...)``.
+    """
 
     def __init__(self, model: Mapping | nn.Module, optimizer: str, lr: float, weight_decay: float, momentum: float,
                  scheduler: str, warmup_fraction: float) -> None:
@@ -104,17 +109,21 @@ class SimCLRTask(_PretrainTask):
         self.temperature = float(temperature)
         self.projector = projection_head(self._feature_dim(), hidden_dim, projection_dim)
 
-    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, both: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
         if b < 2:
             raise ConfigError("SimCLR needs at least 2 images per batch (the other images are the negatives).")
-        both = torch.cat([self.views(x), self.views(x)])  # one forward: BatchNorm sees both views
+        if both is None:
+            both = torch.cat([self.views(x), self.views(x)])
+        # one forward of both views: BatchNorm sees both
         z = self.projector(self.embed(both))
         return nt_xent(z[:b], z[b:], self.temperature)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         x, _ = split_batch(batch)
-        loss = self._loss(x)
+        with self.step_rng(batch_idx, x.device):  # resume-exact views (the global stream is left alone)
+            both = torch.cat([self.views(x), self.views(x)])
+        loss = self._loss(x, both)
         self.log("train/ssl_loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 

@@ -354,24 +354,39 @@ def profile_blocks(net: nn.Module, names: Sequence[str], example_inputs: Any, re
     return {"blocks": stats, "total_saved": float(total)}
 
 
-def choose_blocks(profile: dict[str, Any], memory_budget: float) -> list[str]:
+def choose_blocks(profile: dict[str, Any], memory_budget: float, resolution: int = 400) -> list[str]:
     """The blocks to checkpoint so the estimated saved activations fall to ``memory_budget`` of the total.
 
-    Greedy by memory freed per millisecond of recomputation (what a block saves minus the inputs a
-    checkpoint keeps, over its forward time): early, high-resolution blocks of a CNN first, compute-heavy
-    late blocks last. Stops as soon as the estimate is within budget; all blocks if it never is.
+    The least recomputation that frees enough memory: a 0/1 knapsack over the candidate blocks, each
+    freeing what it saves minus the inputs a checkpoint keeps, at the cost of its forward time (memory
+    measured in ``1/resolution`` of what must be freed, rounded down, so the estimate never comes out
+    short). Cheap, high-resolution blocks of a CNN are the usual picks, compute-heavy late blocks the
+    last. All blocks with a gain if no choice meets the budget; none if the total is within it already.
     """
     blocks = profile["blocks"]
-    estimate = profile["total_saved"]
-    target = memory_budget * profile["total_saved"]
+    need = profile["total_saved"] - memory_budget * profile["total_saved"]
     gain = {n: b["saved"] - b["inputs"] for n, b in blocks.items()}
-    order = sorted((n for n in blocks if gain[n] > 0), key=lambda n: gain[n] / max(blocks[n]["ms"], 1e-6), reverse=True)
-    chosen: list[str] = []
-    for name in order:
-        if estimate <= target:
-            break
-        chosen.append(name)
-        estimate -= gain[name]
+    names = [n for n in blocks if gain[n] > 0]
+    if need <= 0 or not names:
+        return []
+    if sum(gain[n] for n in names) < need:
+        return names
+    unit = need / resolution
+    # best[g] = (least ms, blocks) reaching at least g units of freed memory (g capped at resolution)
+    best: list[tuple[float, tuple[str, ...]] | None] = [None] * (resolution + 1)
+    best[0] = (0.0, ())
+    for name in names:
+        units, ms = int(gain[name] // unit), max(float(blocks[name]["ms"]), 1e-6)
+        for g in range(resolution, -1, -1):  # each block at most once: walk the table downwards
+            if best[g] is None:
+                continue
+            to = min(resolution, g + units)
+            cost = best[g][0] + ms
+            if best[to] is None or cost < best[to][0]:
+                best[to] = (cost, (*best[g][1], name))
+    if best[resolution] is None:  # the rounding lost the last units: every block with a gain meets the need
+        return names
+    chosen = set(best[resolution][1])
     return [n for n in blocks if n in chosen]  # in network order
 
 

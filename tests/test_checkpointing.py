@@ -285,10 +285,10 @@ def test_choose_blocks_frees_enough_memory_for_the_least_recomputation():
         need = total * (1 - budget)
         chosen = choose_blocks({"blocks": blocks, "total_saved": total}, budget)
 
-        def freed(names):
+        def freed(names, blocks=blocks):
             return sum(blocks[b]["saved"] - blocks[b]["inputs"] for b in names)
 
-        def cost(names):
+        def cost(names, blocks=blocks):
             return sum(blocks[b]["ms"] for b in names)
 
         assert chosen == [b for b in blocks if b in chosen]  # network order

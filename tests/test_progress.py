@@ -25,3 +25,26 @@ def test_one_line_per_epoch_and_one_at_the_end(tmp_path, caplog):
 
 def test_format_seconds():
     assert [format_seconds(s) for s in (5, 150, 7200)] == ["5 s", "2.5 min", "2.0 h"]
+
+
+class _SSLLike(UserModule):
+    """Logs what a pretraining task and a kNN probe log (no train/loss or val/acc of its own)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/ssl_loss", loss.detach(), on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val/knn_acc", 0.5)
+        self.log("val/lr_scale", 2.0)  # neither a loss nor an accuracy: not shown
+
+
+def test_default_lines_show_a_tasks_own_losses_and_accuracies(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_eff")
+    L.seed_everything(0, verbose=False)
+    user_trainer(tmp_path, [ProgressLog(stage="simclr")], max_epochs=1).fit(_SSLLike(), datamodule=UserData())
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "lightning_eff.progress" and " epoch " in r.getMessage()]
+    assert "train/ssl_loss=" in line and "val/knn_acc=0.5" in line and "lr_scale" not in line, line
+    assert "_step" not in line and "_epoch" not in line

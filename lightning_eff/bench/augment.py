@@ -43,7 +43,8 @@ def overrides_for(row: str) -> list[str]:
 def _run(row: str, seed: int, steps: int, limit_test: int | None, root: Path, label_fraction: float) -> float:
     from lightning_eff.cli import compose, run
 
-    extra = [f"seed={seed}", f"data.seed={seed}", f"data.label_fraction={label_fraction}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+    extra = [f"seed={seed}", f"data.seed={seed}", f"data.label_fraction={label_fraction}", f"trainer.max_steps={steps}",
+             f"trainer.val_check_interval={steps}",
              f"run_dir={root / f'{row}_s{seed}'}", "print_report=false", "progress=false",
              "report.latency=false", "report.memory=false", "++trainer.enable_progress_bar=false",
              "++trainer.enable_model_summary=false", "callbacks.checkpoint=null"]

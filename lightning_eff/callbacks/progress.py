@@ -47,13 +47,15 @@ class ProgressLog(EffCallback):
 
     Args:
         stage: a name for the lines (the CLI passes the stage: ``fit``, ``finetune``, ``teacher``).
-        metrics: logged metric names to show when present (default: train/val loss and accuracy;
-            ``epoch``-suffixed variants are found too).
+        metrics: logged metric names to show when present (default: train/val loss and accuracy, and every
+            other ``train/*`` / ``val/*`` metric ending in ``loss`` or ``acc``, e.g. ``train/ssl_loss``,
+            ``val/knn_acc``; ``epoch``-suffixed variants are found too).
     """
 
     def __init__(self, stage: str = "fit", metrics: Sequence[str] | None = None) -> None:
         super().__init__(module_attr=None)
         self.stage = str(stage)
+        self._auto = metrics is None
         self.metrics = as_list("metrics", metrics, item=str) if metrics is not None else list(_DEFAULT_METRICS)
         self._fit_start = self._epoch_start = None
 
@@ -64,7 +66,12 @@ class ProgressLog(EffCallback):
     def _values(self, trainer: L.Trainer) -> str:
         found = []
         metrics = trainer.callback_metrics
-        for name in self.metrics:
+        names = list(self.metrics)
+        if self._auto:  # a task's own losses and accuracies (SSL, MLM, a KNNMonitor's probe)
+            bases = {k[: -len("_epoch")] if k.endswith("_epoch") else k for k in metrics if not k.endswith("_step")}
+            names += sorted(k for k in bases if k not in names and k.split("/", 1)[0] in ("train", "val")
+                            and k.rsplit("/", 1)[-1].endswith(("loss", "acc")))
+        for name in names:
             value = metrics.get(f"{name}_epoch", metrics.get(name))
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 found.append(f"{name}={float(value):.4g}")

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_eff.tasks.draws import StepDraws
 from lightning_eff.batch import call_model, model_inputs
 from lightning_eff.errors import ConfigError
 from lightning_eff.learning.ssl.mlm import (
@@ -46,6 +45,7 @@ from lightning_eff.tasks.classification import (
     check_optimizer_options,
     configure_optimizers,
 )
+from lightning_eff.tasks.draws import StepDraws
 from lightning_eff.validation import check_int, check_number
 
 __all__ = ["MLMTask"]

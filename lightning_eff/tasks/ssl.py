@@ -33,11 +33,11 @@ from lightning_eff.learning.ssl.contrastive import (
     rotate_batch,
 )
 from lightning_eff.models import create_model
-from lightning_eff.tasks.draws import StepDraws
 from lightning_eff.tasks.classification import (
     check_optimizer_options,
     configure_optimizers,
 )
+from lightning_eff.tasks.draws import StepDraws
 from lightning_eff.validation import build_node, check_number
 
 __all__ = ["SimCLRTask", "RotationTask"]

@@ -125,3 +125,14 @@ def test_weight_only_callback_selects_with_the_shared_options(tmp_path):
     assert entry["quantized_tensors"] == 1  # 1.weight only; 3.weight (the classifier) stays float
     with pytest.warns(FutureWarning, match="renamed min_params"):
         assert WeightOnlyQuantization(min_numel=100).min_params == 100
+
+
+def test_state_key_tells_apart_instances_that_select_other_layers():
+    from lightning_eff.callbacks import WeightOnlyQuantization
+
+    default = WeightOnlyQuantization(bits=[8])
+    assert default.state_key == WeightOnlyQuantization(bits=[8]).state_key
+    assert "include" not in default.state_key and "min_params" not in default.state_key  # pre-existing key unchanged
+    others = [WeightOnlyQuantization(bits=[8], exclude=["classifier"]), WeightOnlyQuantization(bits=[8], min_params=1024),
+              WeightOnlyQuantization(bits=[8], include=[r"blocks\."]), WeightOnlyQuantization(bits=[8], module_types=["Linear"])]
+    assert len({default.state_key, *(cb.state_key for cb in others)}) == 5

@@ -123,8 +123,14 @@ class WeightOnlyQuantization(EffCallback):
 
     @property
     def state_key(self) -> str:  # noqa: D102
+        # the selection options only where they differ from the defaults: a default instance keeps the key that
+        # checkpoints written before these options existed carry
         return self.state_key_of(bits=tuple(self.bits), scheme=self.scheme, per_channel=self.per_channel,
-                                 output_dir=self.output_dir, module_attr=self.module_attr)
+                                 output_dir=self.output_dir, module_attr=self.module_attr,
+                                 include=None if self.include is DEFAULT_INCLUDE else repr(self.include),
+                                 exclude=None if self.exclude is None else repr(self.exclude),
+                                 module_types=None if self.module_types is None else repr(self.module_types),
+                                 min_params=self.min_params or None)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

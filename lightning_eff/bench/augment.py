@@ -1,7 +1,7 @@
 """The survey's Table 3 analog: the accuracy each augmentation adds over none, at a fixed training budget.
 
 Every row is one run of the ``mobilenet_augment`` recipe (MobileNetV2 width 0.5 on 10% of the
-Fashion-MNIST labels, every class, a fixed number of optimizer steps; validation and test never
+Fashion-MNIST labels by default (``--label-fraction``), every class, a fixed number of optimizer steps; validation and test never
 augmented) with one training transform (``data/train_transform=<row>``) or label mixing
 (``+task/mixup=<row>``), through the same ``cli.run`` a user's ``python train.py`` calls. Headline rows
 run with several seeds (data order, initialisation and augmentation draws all follow the seed) and

@@ -61,8 +61,8 @@ class ActivationCheckpointing(EffCallback):
         reentrant: torch's older reentrant checkpoints (refused with DDP's ``find_unused_parameters``
             and with BatchNorm/observer state); the default non-reentrant form has neither limit.
         memory_budget: checkpoint only the blocks (and their parts) it takes to bring the activations saved
-            for backward to this fraction of the plain network's, chosen by memory freed per millisecond of
-            recomputation on real examples (``None``: every selected block; most memory saved, slowest).
+            for backward to this fraction of the plain network's: the set that frees enough for the least
+            recomputation, measured on real examples (``None``: every selected block; most memory saved, slowest).
             Measured on MobileNetV2 and the BERT student: ``0.45`` keeps ~0.4x of the activations for a
             1.2-1.35x step, every block ~0.1x for 1.4-1.5x (``python -m lightning_eff.bench training_efficiency``).
         module_attr: attribute of the LightningModule holding the network (``None`` = the module itself).

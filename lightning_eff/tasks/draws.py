@@ -8,8 +8,12 @@ the run's seed, the epoch, the batch index and the process rank; the run's seed 
 checkpoint. The same batch therefore gets the same views or masks in an uninterrupted run and in a
 resumed one, every DDP rank draws its own, and the global stream (dropout, data order) is left alone.
 
-The run's seed is ``torch.initial_seed()`` when the task first sets up (what ``seed_everything`` or
-``torch.manual_seed`` chose), unless a checkpoint brings one.
+The run's seed is ``torch.initial_seed()`` when fit starts (what ``seed_everything`` or ``torch.manual_seed``
+chose; rank 0's, broadcast to every rank), unless a checkpoint brought one.
+
+What this does not cover: a checkpoint taken in the middle of an epoch (Lightning resumes the batch index,
+while a plain dataloader starts the epoch again from its first batch), and what is drawn from the global
+stream — a shuffling sampler's order and dropout — which Lightning does not restore either.
 
 Example:
     >>> import torch
@@ -40,7 +44,8 @@ _MASK = (1 << 63) - 1
 
 
 def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
-    """A 63-bit seed for one training batch of one process: distinct for distinct ``(epoch, batch_idx, rank)``."""
+    """A 63-bit seed for one training batch of one process (distinct ``(epoch, batch_idx, rank)`` give distinct
+    seeds with overwhelming probability: each part is mixed in splitmix64 style)."""
     x = (int(seed) & _MASK) ^ 0x9E3779B97F4A7C15
     for part in (epoch, batch_idx, rank):  # splitmix64-style mixing of each part
         x = (x + (int(part) + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
@@ -58,6 +63,15 @@ class StepDraws:
         if self.draw_seed is None:
             self.draw_seed = int(torch.initial_seed()) & _MASK
         return self.draw_seed
+
+    def on_fit_start(self) -> None:  # noqa: D102  (Lightning hook: after a checkpoint's seed is loaded)
+        trainer = getattr(self, "_trainer", None)
+        if self.draw_seed is None:
+            seed = int(torch.initial_seed()) & _MASK
+            self.draw_seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer is not None else seed
+        parent = getattr(super(), "on_fit_start", None)
+        if parent is not None:
+            parent()
 
     def _position(self, epoch: int | None) -> tuple[int, int]:
         trainer = getattr(self, "_trainer", None)
@@ -77,11 +91,15 @@ class StepDraws:
 
     @contextlib.contextmanager
     def step_rng(self, batch_idx: int, device: Any = "cpu", epoch: int | None = None) -> Iterator[None]:
-        """Inside: torch's global stream (CPU, and ``device`` when CUDA) seeded for this batch; restored after."""
+        """Inside: torch's CPU stream (and ``device``'s, when it is a CUDA device) seeded for this batch; both restored after."""
         dev = torch.device(device)
         seed = self.batch_seed(batch_idx, epoch)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
+        cuda = dev.type == "cuda"
+        with torch.random.fork_rng(devices=[dev] if cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(dev):
+                    torch.cuda.manual_seed(seed)
             yield
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102  (Lightning hook)

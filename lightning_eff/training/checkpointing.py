@@ -359,8 +359,8 @@ def choose_blocks(profile: dict[str, Any], memory_budget: float, resolution: int
 
     The least recomputation that frees enough memory: a 0/1 knapsack over the candidate blocks, each
     freeing what it saves minus the inputs a checkpoint keeps, at the cost of its forward time (memory
-    measured in ``1/resolution`` of what must be freed, rounded down, so the estimate never comes out
-    short). Cheap, high-resolution blocks of a CNN are the usual picks, compute-heavy late blocks the
+    counted in ``1/resolution`` of what must be freed, the exact bytes kept beside each entry, so the
+    chosen set always frees enough and is the cheapest up to that rounding). Cheap, high-resolution blocks of a CNN are the usual picks, compute-heavy late blocks the
     last. All blocks with a gain if no choice meets the budget; none if the total is within it already.
     """
     blocks = profile["blocks"]
@@ -372,22 +372,25 @@ def choose_blocks(profile: dict[str, Any], memory_budget: float, resolution: int
     if sum(gain[n] for n in names) < need:
         return names
     unit = need / resolution
-    # best[g] = (least ms, blocks) reaching at least g units of freed memory (g capped at resolution)
-    best: list[tuple[float, tuple[str, ...]] | None] = [None] * (resolution + 1)
-    best[0] = (0.0, ())
+    # best[g] = (least ms, exact bytes freed, blocks) among the sets whose rounded-down units sum to g
+    # (capped at resolution); each block loses less than one unit to the rounding, so a set that truly
+    # frees `need` sits at g >= resolution - len(names): the cheapest of those that does is the answer
+    best: list[tuple[float, float, tuple[str, ...]] | None] = [None] * (resolution + 1)
+    best[0] = (0.0, 0.0, ())
     for name in names:
         units, ms = int(gain[name] // unit), max(float(blocks[name]["ms"]), 1e-6)
         for g in range(resolution, -1, -1):  # each block at most once: walk the table downwards
             if best[g] is None:
                 continue
             to = min(resolution, g + units)
-            cost = best[g][0] + ms
-            if best[to] is None or cost < best[to][0]:
-                best[to] = (cost, (*best[g][1], name))
-    if best[resolution] is None:  # the rounding lost the last units: every block with a gain meets the need
+            cost, freed, chosen = best[g]
+            if best[to] is None or cost + ms < best[to][0]:
+                best[to] = (cost + ms, freed + gain[name], (*chosen, name))
+    feasible = [e for e in best[max(0, resolution - len(names)):] if e is not None and e[1] >= need * (1 - 1e-12)]
+    if not feasible:
         return names
-    chosen = set(best[resolution][1])
-    return [n for n in blocks if n in chosen]  # in network order
+    picked = set(min(feasible, key=lambda e: e[0])[2])
+    return [n for n in blocks if n in picked]  # in network order
 
 
 def apply_activation_checkpointing(

@@ -67,7 +67,7 @@ class StepDraws:
     def on_fit_start(self) -> None:  # noqa: D102  (Lightning hook: after a checkpoint's seed is loaded)
         trainer = getattr(self, "_trainer", None)
         if self.draw_seed is None:
-            seed = int(torch.initial_seed()) & _MASK
+            seed = self._ensure_draw_seed()
             self.draw_seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer is not None else seed
         parent = getattr(super(), "on_fit_start", None)
         if parent is not None:

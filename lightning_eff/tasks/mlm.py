@@ -196,8 +196,7 @@ class MLMTask(StepDraws, L.LightningModule):
         return loss, correct, int(targets.numel())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:  # noqa: D102
-        ids, _ = self._ids(batch)
-        loss, _, n = self._masked_loss(batch, self.step_generator(batch_idx, ids.device))
+        loss, _, n = self._masked_loss(batch, self.step_generator(batch_idx, self.device))  # the batch is on self.device
         self.log("train/mlm_loss", loss, prog_bar=True, batch_size=n)
         return loss
 

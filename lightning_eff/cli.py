@@ -294,6 +294,25 @@ def _load_stage_network(stage: Stage, datamodule: Any) -> tuple[Any, str]:
     return load_model(spec, option=f"{stage.name}"), path
 
 
+def _tested_accuracy(task: Any, trainer: L.Trainer, staged: bool) -> dict[str, float] | None:
+    """The report row ``trainer.test`` just measured: its top-1 ``test/acc`` over the whole test set, or None.
+
+    Only where that figure is exactly the report's accuracy: a ClassificationTask (multiclass, top-1, micro), one
+    process (no sampler padding), every test batch. The row is ``trained`` after a multi-stage run, else ``fp32``.
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_eff.tasks.classification import ClassificationTask
+
+    metric = getattr(task, "test_acc", None)
+    value = trainer.callback_metrics.get("test/acc")
+    exact = (isinstance(task, ClassificationTask) and isinstance(metric, MulticlassAccuracy) and metric.top_k == 1
+             and metric.average == "micro" and trainer.world_size == 1 and trainer.limit_test_batches in (1.0, None))
+    if not exact or value is None:
+        return None
+    return {"trained" if staged else "fp32": float(value)}
+
+
 def _stage_eval(c: dict) -> int | None:
     return 2 if (c.get("trainer") or {}).get("fast_dev_run") else (c.get("report") or {}).get("eval_batches")
 
@@ -437,7 +456,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
 
     final_trainer = executed[-1][1]
     fit_metrics = {k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}  # trainer.test() replaces them
-    if c.get("test_after_fit", True):
+    tested = bool(c.get("test_after_fit", True))
+    if tested:
         final_trainer.test(task, datamodule=datamodule, verbose=False)
     metrics = {**stage_metrics, **fit_metrics, **{k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}}
     if optimized not in metrics:  # a task without LOGGED_METRICS: told now, and the trained model is still reported
@@ -448,7 +468,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
         log.info("report: measuring every variant (accuracy, footprint, latency)")
     if final_trainer.is_global_zero:  # no collectives inside; other DDP ranks would only time against rank 0
         report = build_report(task, datamodule, [cb for _, _, cbs in executed for cb in cbs], c.get("report") or {},
-                              fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")))
+                              fp32_model=fp32_model, fast=bool((c.get("trainer") or {}).get("fast_dev_run")),
+                              measured_acc=_tested_accuracy(task, final_trainer, fp32_model is not None) if tested else None)
     else:
         report = {"rows": {}, "artifacts": [], "sparsity": [], "int8_speed": [], "cpu": {}}
     if progress and final_trainer.is_global_zero:

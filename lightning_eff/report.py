@@ -131,6 +131,7 @@ def build_report(
     *,
     fp32_model: nn.Module | None = None,
     fast: bool = False,
+    measured_acc: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Measure every variant of the trained model; never raises for a single failed measurement.
 
@@ -141,6 +142,9 @@ def build_report(
         options: ``report`` config (``batch_sizes``, ``latency``, ``memory``, ``repeats``, ``eval_batches``).
         fp32_model: float model saved before a fine-tuning stage (else ``task.model`` is the fp32 row).
         fast: ``fast_dev_run`` — two eval batches, one latency repeat.
+        measured_acc: ``{variant: top-1 accuracy}`` already measured on the whole test loader (``trainer.test``
+            of the trained model): those rows take it (``test_acc_from: "trainer.test"``) instead of a second pass
+            over the test set; ignored with ``eval_batches`` or ``fast``, which evaluate a slice.
 
     Returns:
         ``{"rows": {variant: {metric: value, "model": what it measures}}, "artifacts": [...], "sparsity": [sentence, ...],
@@ -154,6 +158,7 @@ def build_report(
     batch_sizes = tuple(options.get("batch_sizes", (1, 32)))
     repeats = 1 if fast else int(options.get("repeats", 10))
     eval_batches = 2 if fast else options.get("eval_batches")
+    known = dict(measured_acc or {}) if eval_batches is None else {}
     variants: dict[str, nn.Module] = {"fp32": fp32_model if fp32_model is not None else _cpu_copy(task.model)}
     if fp32_model is not None:
         variants["trained"] = _cpu_copy(task.model)
@@ -168,7 +173,10 @@ def build_report(
         row: dict[str, Any] = {"model": describe_model(model)}
         with quantized_engine(model_engine(model)):  # int8 variants run under the engine they were packed for
             try:
-                row["test_acc"] = evaluate_accuracy(model, test_loader, eval_batches)
+                if name in known:
+                    row["test_acc"], row["test_acc_from"] = float(known[name]), "trainer.test"
+                else:
+                    row["test_acc"] = evaluate_accuracy(model, test_loader, eval_batches)
             except Exception as err:  # a broken variant must not cost the others their row
                 log.warning("accuracy of %s failed: %s", name, err)
                 row["test_acc"] = None

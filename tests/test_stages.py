@@ -128,3 +128,33 @@ def test_init_hand_over_that_does_not_fit_is_refused_by_stage(tmp_path):
     with pytest.raises(ConfigError, match=r"stages.fit: the previous stage hands over 'init'.*hand over 'backbone'"):
         run(cfg)
     assert (tmp_path / "pre" / "pre.ckpt").is_file()  # the trained stage is kept
+
+
+
+class _Tested(L.Callback):
+    def on_test_end(self, trainer, pl_module):
+        self.module, self.datamodule = pl_module, trainer.datamodule
+
+
+@needs_fmnist
+@pytest.mark.parametrize("stages", [False, True])
+def test_report_takes_the_tested_accuracy_of_the_trained_row_and_it_agrees(tmp_path, stages):
+    """trainer.test already measured the trained model on every test image: the report's row takes that figure
+    (no second pass) and it equals evaluate_accuracy on the same model and loader; the other rows are evaluated."""
+    from lightning_eff.report import evaluate_accuracy
+
+    spec = "{name: plain_cnn, width: 0.25, small_input_stages: 1}"
+    extra = [f"++stages={{pre: {{model: {spec}}}, fit: {{model: previous}}}}"] if stages else [f"++stages={{fit: {{model: {spec}}}}}"]
+    common = [*TINY_OVERRIDES, "callbacks.footprint=null", "++report.latency=false", *extra]
+    tested = _Tested()
+    result = run(compose("mobilenet_baseline", [f"run_dir={tmp_path}", *common, "++trainer.limit_test_batches=1.0"]),
+                 extra_callbacks=[tested])
+    row = result["report"]["trained" if stages else "fp32"]
+    assert row["test_acc_from"] == "trainer.test" and row["test_acc"] == pytest.approx(result["metrics"]["test/acc"])
+    tested.datamodule.setup("test")
+    direct = evaluate_accuracy(tested.module.model.cpu(), tested.datamodule.test_dataloader())
+    assert direct == pytest.approx(row["test_acc"], abs=1e-6)
+    if stages:
+        assert "test_acc_from" not in result["report"]["fp32"] and result["report"]["fp32"]["test_acc"] is not None
+    sliced = run(compose("mobilenet_baseline", [f"run_dir={tmp_path / 'sliced'}", *common]))
+    assert all("test_acc_from" not in r for r in sliced["report"].values())  # limit_test_batches=2: evaluated again

@@ -206,3 +206,12 @@ def test_result_line_says_noisy_when_a_headline_figure_is(tmp_path, capsys):
         clean.ratio("r", "other", "a", "a")
     with pytest.raises(ConfigError, match="reserved"):
         mark_noisy({"noisy": 0}, clean)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_training_efficiency_bench_refuses_a_memory_budget_outside_0_1(value, capsys):
+    from lightning_eff.bench.training_efficiency import main
+
+    with pytest.raises(SystemExit):
+        main(["--memory-budget", value, "--skip", "ckpt", "bf16", "ddp", "compile"])
+    assert f"--memory-budget={float(value)}" in capsys.readouterr().err

@@ -70,13 +70,13 @@ def _models(quick: bool) -> dict[str, tuple[nn.Module, Any, torch.Tensor]]:
     return out
 
 
-def _checkpointing(timer: Timings, quick: bool, threads: int) -> dict[str, dict[str, Any]]:
+def _checkpointing(timer: Timings, quick: bool, threads: int, memory_budget: float = MEMORY_BUDGET) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     rounds, repeats = (3, 2) if quick else (5, 3)
     for name, (net, inputs, targets) in _models(quick).items():
         plain, every, budget = copy.deepcopy(net).train(), copy.deepcopy(net).train(), copy.deepcopy(net).train()
         info_all = apply_activation_checkpointing(every)
-        info = apply_activation_checkpointing(budget, memory_budget=MEMORY_BUDGET, example_inputs=inputs)
+        info = apply_activation_checkpointing(budget, memory_budget=memory_budget, example_inputs=inputs)
         before = saved_activation_bytes(plain, inputs)
         after_all, after = saved_activation_bytes(every, inputs), saved_activation_bytes(budget, inputs)
         timing = timer.time(f"ckpt_{name}", {"plain": train_step_fn(plain, inputs, targets),
@@ -238,12 +238,17 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.set_defaults(threads=1)  # stable figures on a shared 2-core machine (the DDP part sets its own)
     parser.add_argument("--skip", nargs="*", default=[], choices=["ckpt", "bf16", "ddp", "compile"],
                         help="parts to leave out (their RESULT keys read none)")
+    parser.add_argument("--memory-budget", type=float, default=MEMORY_BUDGET,
+                        help=f"the checkpointing rows' memory_budget (default {MEMORY_BUDGET}; 0 < value < 1)")
     args = parser.parse_args(argv)
+    if not 0.0 < args.memory_budget < 1.0:
+        parser.error(f"--memory-budget={args.memory_budget}: valid values lie strictly between 0 and 1 "
+                     "(the share of saved activations to keep)")
     threads = set_threads(args.threads)
     timer = Timings()
-    payload: dict[str, Any] = {"quick": args.quick, "cpu_capability": cpu_capability()}
+    payload: dict[str, Any] = {"quick": args.quick, "cpu_capability": cpu_capability(), "memory_budget": args.memory_budget}
     t0 = time.perf_counter()
-    ckpt = _checkpointing(timer, args.quick, threads) if "ckpt" not in args.skip else {}
+    ckpt = _checkpointing(timer, args.quick, threads, args.memory_budget) if "ckpt" not in args.skip else {}
     bf16 = _bf16(timer, args.quick, threads) if "bf16" not in args.skip else {}
     ddp = _ddp(args.quick) if "ddp" not in args.skip else {}
     set_threads(threads)

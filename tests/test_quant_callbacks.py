@@ -76,10 +76,11 @@ def _fake_quant_state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_qat_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_qat_resume_equals_uninterrupted(tmp_path, fold_bn):
     """Crash after epoch 1 (3 steps), resume, and end bit-identical to one uninterrupted run:
-    weights, observer min/max, scales and zero points, fake-quant flags."""
-    kw = dict(start_step=2, freeze_bn_step=4, freeze_observer_step=5)
+    weights, observer min/max, scales and zero points, fake-quant flags (BN folded or not)."""
+    kw = dict(start_step=2, freeze_observer_step=5, **({"fold_bn": True} if fold_bn else {"freeze_bn_step": 4}))
     task_a = _task()
     _trainer(tmp_path / "a", [QuantizationAwareTraining(**kw)], max_epochs=2).fit(task_a, datamodule=TinyData())
 
@@ -101,6 +102,14 @@ def test_qat_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(sc[k], sa[k], rtol=0, atol=0, msg=k)
 
 
+def test_qat_refuses_a_checkpoint_with_the_other_fold_bn():
+    state = QuantizationAwareTraining().state_dict()
+    assert state["fold_bn"] is False
+    with pytest.raises(ConfigError, match=r"checkpoint was trained with fold_bn=False, this callback has fold_bn=True"):
+        QuantizationAwareTraining(fold_bn=True).load_state_dict(state)
+    QuantizationAwareTraining(fold_bn=True).load_state_dict(QuantizationAwareTraining(fold_bn=True).state_dict())
+
+
 def test_qat_refuses_non_fp32_precision(tmp_path):
     trainer = _trainer(tmp_path, [QuantizationAwareTraining()], precision="bf16-mixed")
     with pytest.raises(ConfigError, match=r"trainer.precision='bf16-mixed'.*32-true"):
@@ -118,6 +127,9 @@ def test_qat_refuses_non_fp32_precision(tmp_path):
         ({"flow": "pt2e", "freeze_bn_step": 3}, r"flow='fx' only"),
         ({"per_channel": "dw"}, r"per_channel='dw' is not valid; choose one of \[True, False, 'depthwise'\]"),
         ({"flow": "pt2e", "per_channel": "depthwise"}, r"per_channel='depthwise' needs flow='fx'"),
+        ({"fold_bn": True, "freeze_bn_fraction": 0.6}, r"fold_bn=True folds BatchNorm.*freeze_bn_fraction=0.6.*null"),
+        ({"flow": "pt2e", "fold_bn": True}, r"fold_bn=True applies to flow='fx' only"),
+        ({"fold_bn": "yes"}, r"fold_bn"),
     ],
 )
 def test_qat_bad_inputs(kwargs, match):

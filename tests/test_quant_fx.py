@@ -315,3 +315,66 @@ def test_per_channel_depthwise_only(tiny_timm, engine, tmp_path):
     assert quality["depthwise"] > quality[True] - 3.0, quality
     with pytest.raises(ConfigError, match=r"per_channel='layer' is not valid; choose one of \[True, False, 'depthwise'\]"):
         prepare_qat_fx_model(tiny_timm, data[0], per_channel="layer")
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_qat_fold_bn_fine_tunes_the_folded_network(tiny_timm, engine):
+    """fold_bn=True: no BatchNorm (and no fused Conv-BN QAT module) is left; with fake quantization off the
+    prepared network computes the float network's eval output in train mode too; the depthwise
+    per-channel scheme still lands on the depthwise convs; every parameter gets a gradient; the int8
+    model agrees with the fake-quant model it was converted from."""
+    from lightning_eff.compression.quantization.fx import depthwise_conv_names
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 1, 32, 32, generator=gen) * 2 + 0.5
+    with torch.no_grad():
+        ref = tiny_timm(x)
+    prepared = prepare_qat_fx_model(tiny_timm, (x[:1],), engine=engine, per_channel="depthwise", relu6="keep", fold_bn=True)
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in tiny_timm.modules())  # the input is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_timm(x), ref, rtol=0, atol=0)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prepared.modules())
+    assert not any(type(m).__name__.startswith("ConvBn") for m in prepared.modules())
+    assert any(type(m).__name__ == "Conv2d" and "qat" in type(m).__module__ for m in prepared.modules())  # plain QAT convs
+    set_fake_quant(prepared, False)
+    set_observers(prepared, False)
+    prepared.train()
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), ref, rtol=1e-4, atol=1e-4)
+    set_fake_quant(prepared, True)
+    set_observers(prepared, True)
+    loss = prepared(x).square().mean()
+    loss.backward()
+    missing = [n for n, p in prepared.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    dw = set(depthwise_conv_names(tiny_timm))
+    with torch.no_grad():  # observe a few more batches, then fix the scales the int8 model gets
+        for _ in range(4):
+            prepared(torch.randn(8, 1, 32, 32, generator=gen) * 2 + 0.5)
+    set_observers(prepared, False)
+    int8 = convert_fx_model(prepared.eval())
+    schemes = {n: m.weight().qscheme() for n, m in int8.named_modules() if hasattr(m, "weight") and callable(m.weight)}
+    assert {n for n, q in schemes.items() if q == torch.per_channel_affine} == dw
+    with quantized_engine(engine), torch.no_grad():
+        # the int8 kernels compute what fake quantization simulated; on this random deep net activation
+        # rounding keeps it near 13-16 dB (the fused Conv-BN QAT path: 5-7 dB), a broken conversion near 0
+        assert sqnr_db(prepared(x), int8(x)) > 10.0
+    with pytest.warns(NoEffectWarning, match="no fused ConvBn QAT module"):
+        freeze_bn_stats(prepared)
+
+
+def test_fold_batch_norms_leaves_its_input_alone(tiny_timm):
+    from lightning_eff.compression.quantization.fx import fold_batch_norms
+
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = tiny_timm.eval()(x)
+    tiny_timm.train()
+    folded = fold_batch_norms(fuse_for_quantization(tiny_timm, relu6="keep"))
+    assert tiny_timm.training and not folded.training
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4)  # BN folded from the running statistics
+        torch.testing.assert_close(tiny_timm.eval()(x), ref, rtol=0, atol=0)
+    trainable = {n: p.requires_grad for n, p in folded.named_parameters()}
+    assert trainable and all(trainable.values()), trainable  # the biases that carry BN's shift train too

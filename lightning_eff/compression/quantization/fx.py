@@ -74,6 +74,7 @@ __all__ = [
     "set_fake_quant",
     "set_observers",
     "freeze_bn_stats",
+    "fold_batch_norms",
     "dynamic_quantize",
     "sqnr_db",
     "quantized_engine",
@@ -233,14 +234,50 @@ def backend_config_for(engine: str):
     }[engine]()
 
 
-def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6, fuse, inplace, qconfig_mapping, check, reduce_range):
+def fold_batch_norms(model: nn.Module, engine: str = "x86", *, inplace: bool = False) -> torch.fx.GraphModule:
+    """Fold every BatchNorm that follows a convolution (or linear layer) into it, in eval mode.
+
+    torch.ao's eval-mode fusion with ``engine``'s ``BackendConfig``: Conv-BN(-ReLU) becomes
+    Conv(-ReLU) with ``W' = W * gamma / sqrt(var + eps)`` and the matching bias, from the running
+    statistics; each fused module keeps the conv's name. Run :func:`fuse_for_quantization` first
+    on a timm model (it splits ``BatchNormAct2d`` so the patterns match). Returns a new
+    ``GraphModule`` in eval mode; a BatchNorm that follows no foldable layer stays (a warning names it).
+    ``model`` is left as it was (mode included) unless ``inplace=True``, which saves the copy. The new
+    bias of a conv that had none (it carries BN's shift) trains whenever the conv's weight does.
+    """
+    from torch.ao.quantization.quantize_fx import fuse_fx
+
+    check_engine(engine)
+    check_bool("inplace", inplace)
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    trainable = {n: m.weight.requires_grad for n, m in model.named_modules() if isinstance(m, layers) and m.bias is None}
+    with quantized_engine(engine):
+        folded = fuse_fx(model, backend_config=backend_config_for(engine))
+    for name, mod in folded.named_modules():
+        # torch.ao creates the bias of a bias-free conv as Parameter(requires_grad=False) (it copies the
+        # requires_grad of the zeros it starts from): the folded BN shift would never train.
+        key = name if name in trainable else name.removesuffix(".0")  # a fused Conv-ReLU holds its conv at [0]
+        if isinstance(mod, layers) and key in trainable and mod.bias is not None:
+            mod.bias.requires_grad_(trainable[key])
+    left = [n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        warnings.warn(f"fold_bn: BatchNorm layers {left[:5]} follow no convolution or linear layer and stay "
+                      "(they keep training their statistics).", NoEffectWarning, stacklevel=3)
+    return folded
+
+
+def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6, fuse, inplace, qconfig_mapping, check, reduce_range,
+             fold_bn=False):
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     check_engine(engine)
     check_choice("observer", observer, OBSERVERS)
     check_choice("relu6", relu6, ["relu", "keep"])
     check_per_channel(per_channel)
-    for name, val in (("fuse", fuse), ("inplace", inplace), ("check", check)):
+    for name, val in (("fuse", fuse), ("inplace", inplace), ("check", check), ("fold_bn", fold_bn)):
         check_bool(name, val)
     inputs = _inputs(example_inputs)
     if qconfig_mapping is None:
@@ -262,9 +299,11 @@ def _prepare(model, example_inputs, *, qat, engine, per_channel, observer, relu6
         depthwise = _make_qconfig(engine, qat=qat, per_channel=True, observer=observer, reduce_range=reduce_range)
         for name in depthwise_conv_names(model):  # a fused Conv-BN(-ReLU) keeps the conv's name
             mapping.set_module_name(name, depthwise)
+    if fold_bn:  # after the depthwise names: a fused module keeps its conv's name
+        model = fold_batch_norms(model, engine, inplace=True)  # model is already _prepare's copy
     if engine == "qnnpack":
         fix_qnnpack_clamps(model)
-    if qat:
+    if qat and not fold_bn:
         guard_zero_bn_weights(model)
     with quantized_engine(engine):
         if qat:
@@ -306,6 +345,7 @@ def prepare_qat_fx_model(
     inplace: bool = False,
     qconfig_mapping: Any = None,
     check: bool = True,
+    fold_bn: bool = False,
 ) -> torch.fx.GraphModule:
     """Fuse, then insert QAT fake-quantization (``prepare_qat_fx``) for ``engine``.
 
@@ -326,6 +366,13 @@ def prepare_qat_fx_model(
         inplace: let fusion modify ``model`` instead of a copy.
         qconfig_mapping: a full ``QConfigMapping`` overriding engine/per_channel/observer.
         check: run the pre-flight and the fusion equivalence check.
+        fold_bn: fold BatchNorm into the convolutions *before* QAT (:func:`fold_batch_norms`, from
+            the running statistics) instead of torch.ao's fused Conv-BN QAT modules, which compute
+            batch statistics, a rescaled conv and a division by the BN scale on every step. The
+            network then fine-tunes without BatchNorm (what the int8 model runs): a QAT step costs
+            about 0.65x (MobileNetV2 w0.5, 32 px, batch 128, 2 threads), for fine-tuning a trained
+            model. The prepared graph's keys are the folded convs' (``float_state_dict`` of it has
+            no BatchNorm entries).
 
     Returns:
         The prepared ``GraphModule`` (trainable; the engine is stored on it).
@@ -336,7 +383,7 @@ def prepare_qat_fx_model(
     """
     return _prepare(model, example_inputs, qat=True, engine=engine, per_channel=per_channel, observer=observer,
                     relu6=relu6, fuse=fuse, inplace=inplace, qconfig_mapping=qconfig_mapping, check=check,
-                    reduce_range=reduce_range)
+                    reduce_range=reduce_range, fold_bn=fold_bn)
 
 
 def prepare_ptq_fx_model(

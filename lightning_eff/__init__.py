@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "ActivationCheckpointing": "lightning_eff.callbacks",
+    "CPUAllocator": "lightning_eff.callbacks",
     "ChannelsLast": "lightning_eff.callbacks",
     "Compile": "lightning_eff.callbacks",
     "Distillation": "lightning_eff.callbacks",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
         ActivationCheckpointing,
         ChannelsLast,
         Compile,
+        CPUAllocator,
         Distillation,
         Export,
         FootprintMonitor,
@@ -138,6 +140,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCheckpointing",
     "CIFAR10DataModule",
+    "CPUAllocator",
     "ChannelsLast",
     "Compile",
     "ClassificationTask",

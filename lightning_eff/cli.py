@@ -46,8 +46,9 @@ from lightning_eff.recipes import (
 )
 from lightning_eff.report import build_report, evaluate_accuracy
 from lightning_eff.stages import Stage, copy_backbone, plan_stages
+from lightning_eff.training.allocator import ALLOCATOR_MODES, resolve_cpu_allocator
 from lightning_eff.training.precision import precision_facts, resolve_precision
-from lightning_eff.validation import check_bool, check_number
+from lightning_eff.validation import check_bool, check_choice, check_number
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "check_recipe", "data_shaped", "REPO_ROOT"]
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 TOP_LEVEL_KEYS = {
     "name", "seed", "data", "model", "task", "trainer", "callbacks", "finetune", "run_dir",
     "test_after_fit", "print_report", "ckpt_path", "report", "teacher", "stages", "optimized_metric", "progress",
+    "cpu_allocator",
 }
 DEFAULT_OPTIMIZED_METRIC = "test/acc"
 # A teacher stage (distillation recipes): train or load the teacher, then hand it to Distillation.
@@ -158,6 +160,7 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         _check_target_node("trainer.strategy", trainer["strategy"])
     if trainer.get("precision") is not None:
         resolve_precision(trainer["precision"], flags={})  # a ConfigError naming the choices; nothing resolved yet
+    check_choice("cpu_allocator", c.get("cpu_allocator", "auto"), ALLOCATOR_MODES)
     plugins = trainer.get("plugins")
     for i, node in enumerate([] if plugins is None else plugins if isinstance(plugins, list) else [plugins]):
         if isinstance(node, Mapping):
@@ -369,6 +372,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     run_started = time.perf_counter()
     progress = check_bool("progress", c.get("progress", True))
     precision = _resolve_run_precision(c)
+    allocator = resolve_cpu_allocator(c.get("cpu_allocator", "auto"))  # before the data and model allocate anything
     plan = plan_stages(c)
     optimized = check_optimized_metric(c)
     run_dir = Path(c.get("run_dir") or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
@@ -478,7 +482,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     result = {"metrics": metrics, "optimized_metric": optimized, "objective": metrics.get(optimized),
               "stages": [s.name for s in plan], "report": report["rows"], "artifacts": report["artifacts"],
               "sparsity_latency": report["sparsity"], "int8_speed": report["int8_speed"], "cpu": report["cpu"],
-              "precision": precision, "run_dir": str(run_dir)}
+              "precision": precision, "cpu_allocator": allocator, "run_dir": str(run_dir)}
     if final_trainer.is_global_zero:
         write_results(run_dir / "results.json", {"config": c, **result})
         if c.get("print_report", True):

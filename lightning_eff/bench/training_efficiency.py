@@ -11,12 +11,16 @@ the same process by the one interleaved timer (:func:`lightning_eff.measure.time
   and the loss difference after the same steps on real Fashion-MNIST batches from the same initialisation;
 - **DDP**: 2 CPU processes (gloo, 1 thread each) vs 1 process (2 threads) at equal global batch, through
   Lightning's ``ddp_spawn``: training throughput (steps after the first two) and the final loss on a fixed batch;
+- **cpu_allocator** (:mod:`~lightning_eff.training.allocator`): the float training step of ``make train``'s
+  network (MobileNetV2 w0.5, 32 px, batch 128, channels-last, 2 threads) with glibc's thresholds tuned vs the
+  C library's default, in fresh processes (the setting is per process), alternating pairs: median step time
+  and page faults per step;
 - **torch.compile** (inductor) vs eager training step, **channels-last** vs NCHW inference at 224x224 batch 1,
   and **frozen TorchScript** (``torch.jit.freeze``) vs traced TorchScript at 224x224 batch 1.
 
 Final line: ``RESULT ckpt_activation_ratio=<r> ckpt_step_time_ratio=<r> bf16_step_time_ratio=<r>
 bf16_loss_diff=<x> ddp2_throughput_ratio=<r> compile_step_time_ratio=<r> channels_last_latency_ratio=<r>
-frozen_ts_latency_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
+frozen_ts_latency_ratio=<r> allocator_step_time_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
 The CPU capability (``AVX2``/``AVX512``, AMX) is in the JSON: bf16 only pays where the CPU has bf16 units.
 """
 from __future__ import annotations
@@ -200,6 +204,54 @@ def _ddp(quick: bool) -> dict[str, Any]:
             "final_loss_diff": abs(two["final_loss"] - one["final_loss"])}
 
 
+_ALLOC_STEP = """
+import json, sys, time, torch
+from torch import nn
+from lightning_eff.training.allocator import page_faults, resolve_cpu_allocator
+applied = resolve_cpu_allocator(sys.argv[1])["applied"]
+from lightning_eff.models import create_model
+torch.set_num_threads(int(sys.argv[3]))
+torch.manual_seed(0)
+net = create_model("mobilenetv2", width=0.5, small_input_stages=1, num_classes=10, in_chans=1).to(memory_format=torch.channels_last)
+opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+x = torch.randn(128, 1, 32, 32).to(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (128,))
+def step():
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+for _ in range(3):
+    step()
+steps, faults, start = int(sys.argv[2]), page_faults(), time.perf_counter()
+for _ in range(steps):
+    step()
+print(json.dumps({"applied": applied, "step_ms": (time.perf_counter() - start) / steps * 1e3,
+                  "faults_per_step": (page_faults() - faults) / steps}))
+"""
+
+
+def _allocator(quick: bool) -> dict[str, Any]:
+    import statistics
+    import subprocess
+    import sys
+
+    pairs, steps, threads = (3, 10, 2) if quick else (6, 30, 2)
+    runs: dict[str, list[dict[str, Any]]] = {"default": [], "auto": []}
+    for _ in range(pairs):  # alternating, so drift on a shared machine hits both sides
+        for mode in runs:
+            out = subprocess.run([sys.executable, "-c", _ALLOC_STEP, mode, str(steps), str(threads)], capture_output=True,
+                                 text=True, check=True, timeout=600)
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {m: statistics.median(r["step_ms"] for r in rs) for m, rs in runs.items()}
+    faults = {m: statistics.median(r["faults_per_step"] for r in rs) for m, rs in runs.items()}
+    pair_ratios = [a["step_ms"] / d["step_ms"] for d, a in zip(runs["default"], runs["auto"])]
+    return {"pairs": pairs, "steps": steps, "threads": threads, "runs": runs, "applied": runs["auto"][0]["applied"],
+            "step_ms_default": med["default"], "step_ms_tuned": med["auto"],
+            "faults_per_step_default": faults["default"], "faults_per_step_tuned": faults["auto"],
+            "pair_ratios": pair_ratios, "pairs_faster": sum(r < 1.0 for r in pair_ratios),
+            "step_time_ratio": med["auto"] / med["default"]}
+
+
 def _compile_and_layout(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
     from lightning_eff.models import create_model
 
@@ -236,7 +288,7 @@ def _compile_and_layout(timer: Timings, quick: bool, threads: int) -> dict[str, 
 def main(argv: list[str]) -> dict[str, Any]:
     parser = bench_parser("training_efficiency", __doc__.splitlines()[0])
     parser.set_defaults(threads=1)  # stable figures on a shared 2-core machine (the DDP part sets its own)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ckpt", "bf16", "ddp", "compile"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ckpt", "bf16", "ddp", "alloc", "compile"],
                         help="parts to leave out (their RESULT keys read none)")
     parser.add_argument("--memory-budget", type=float, default=MEMORY_BUDGET,
                         help=f"the checkpointing rows' memory_budget (default {MEMORY_BUDGET}; 0 < value < 1)")
@@ -251,9 +303,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     ckpt = _checkpointing(timer, args.quick, threads, args.memory_budget) if "ckpt" not in args.skip else {}
     bf16 = _bf16(timer, args.quick, threads) if "bf16" not in args.skip else {}
     ddp = _ddp(args.quick) if "ddp" not in args.skip else {}
+    alloc = _allocator(args.quick) if "alloc" not in args.skip else {}
     set_threads(threads)
     layout = _compile_and_layout(timer, args.quick, threads) if "compile" not in args.skip else {}
-    payload.update(checkpointing=ckpt, bf16=bf16, ddp=ddp, compile_and_layout=layout, wall_s=time.perf_counter() - t0)
+    payload.update(checkpointing=ckpt, bf16=bf16, ddp=ddp, allocator=alloc, compile_and_layout=layout, wall_s=time.perf_counter() - t0)
     if ckpt:
         print(format_table(ckpt))
     worst = max(ckpt.values(), key=lambda r: r["activation_ratio"]) if ckpt else {}
@@ -267,6 +320,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "compile_step_time_ratio": layout.get("compile_step_time_ratio"),
         "channels_last_latency_ratio": layout.get("channels_last_latency_ratio"),
         "frozen_ts_latency_ratio": layout.get("frozen_ts_latency_ratio"),
+        "allocator_step_time_ratio": alloc.get("step_time_ratio"),
     }
     write_bench("training_efficiency", payload, result, args.out, timings=timer)
     return result

@@ -1,4 +1,5 @@
 """Lightning callbacks: each decides *when* a technique of the functional core runs."""
+from lightning_eff.callbacks.allocator import CPUAllocator
 from lightning_eff.callbacks.checkpointing import ActivationCheckpointing
 from lightning_eff.callbacks.distillation import Distillation
 from lightning_eff.callbacks.export import Export
@@ -13,4 +14,4 @@ from lightning_eff.callbacks.quantization import (
 )
 from lightning_eff.callbacks.weight_only import WeightOnlyQuantization
 
-__all__ = ["ActivationCheckpointing", "ChannelsLast", "Compile", "Distillation", "Export", "FootprintMonitor", "KNNMonitor", "PostTrainingQuantization", "ProgressLog", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]
+__all__ = ["ActivationCheckpointing", "CPUAllocator", "ChannelsLast", "Compile", "Distillation", "Export", "FootprintMonitor", "KNNMonitor", "PostTrainingQuantization", "ProgressLog", "Pruning", "QuantizationAwareTraining", "WeightOnlyQuantization"]

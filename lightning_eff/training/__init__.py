@@ -10,4 +10,5 @@ only the floor, ``surgery`` and ``measure``, and the Lightning layer (``callback
 - :mod:`~lightning_eff.training.checkpointing`: activation checkpointing for any module.
 - :mod:`~lightning_eff.training.ddp`: gradient-communication hooks.
 - :mod:`~lightning_eff.training.layout`: ``torch.compile`` and channels-last.
+- :mod:`~lightning_eff.training.allocator`: glibc's allocator thresholds (no page faults per step).
 """

@@ -282,6 +282,15 @@ def _knn_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> No
     assert 0.0 <= cb.last["val"] <= 1.0 and "val/knn_acc" in trainer.callback_metrics
 
 
+def _allocator_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
+    from lightning_eff.training.allocator import allocator_facts, tuned_thresholds
+
+    facts = allocator_facts()
+    applies = facts["libc"] is not None and facts["preloaded"] is None
+    assert cb.result is not None and cb.result["mode"] == "auto" and cb.result["applied"] is applies, cb.result
+    assert not applies or tuned_thresholds() == cb.result["thresholds"]  # this process runs with them
+
+
 def _progress_after_fit(cb: Any, module: L.LightningModule, trainer: L.Trainer) -> None:
     assert cb._fit_start is not None and cb._epoch_start is not None  # its lines: tests/test_progress.py
 
@@ -464,6 +473,13 @@ ENTRIES: list[Entry] = [
         after_fit=_knn_after_fit,
         second={"k": 5},
         outputs=lambda cb, trainer: dict(cb.last),  # the last probe's accuracy: the same after a resume
+    ),
+    Entry(
+        name="CPUAllocator",
+        kwargs=dict(mode="auto"),  # a per-process setting (page faults: tests/test_allocator.py); the network is untouched
+        bad=({"mode": "fastest"}, "mode"),
+        after_fit=_allocator_after_fit,
+        second={"trim_threshold_mb": 512},
     ),
     Entry(
         name="ProgressLog",

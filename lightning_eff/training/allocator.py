@@ -8,9 +8,10 @@ them again, and the kernel zeroes every page on its first touch: on the MobileNe
 (width 0.5, 32 px, batch 128, 2 threads) that was 20-48 thousand page faults and 70-140 ms of system
 time per 330-400 ms step (AMD EPYC, AVX2, 2026-12-03). :func:`tune_cpu_allocator` sets glibc's
 thresholds once per process (``mallopt``): allocations up to ``mmap_threshold_mb`` come from the heap,
-and up to ``trim_threshold_mb`` of freed heap stays mapped for the next step. Measured: 150-250 faults
-and 2-5 ms of system time per step, and the float training step 0.82x as long (median of 6 interleaved
-process pairs; ``python -m lightning_eff.bench training_efficiency`` measures it again).
+and up to ``trim_threshold_mb`` of freed heap stays mapped for the next step. Measured: 80-330 faults
+and 2-5 ms of system time per step, the float training step 0.72-0.82x as long (medians of 6 alternating
+process pairs; ``python -m lightning_eff.bench training_efficiency`` measures it again) and ``make train``'s
+float epochs 0.86x, with results identical to the last digit.
 
 What it costs: freed memory up to the trim threshold stays in the process (resident memory stays at the
 step's peak instead of falling between steps); nothing is allocated that the step did not need. What it

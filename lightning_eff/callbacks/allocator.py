@@ -36,6 +36,9 @@ class CPUAllocator(EffCallback):
         trim_threshold_mb: freed heap memory that stays mapped between steps.
 
     After ``setup()``, ``self.result`` holds what was done (``applied``, ``reason``, ``thresholds``, ``facts``).
+    A process has one allocator: the thresholds applied last (this callback's, a second instance's, the
+    CLI's ``cpu_allocator``) are the ones in force; :func:`~lightning_eff.training.allocator.tuned_thresholds`
+    says which.
     """
 
     def __init__(self, mode: str = "auto", mmap_threshold_mb: float = MAX_MMAP_THRESHOLD_MB, trim_threshold_mb: float = 1024) -> None:

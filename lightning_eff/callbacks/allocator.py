@@ -17,11 +17,10 @@ import lightning as L
 
 from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.training.allocator import (
-    ALLOCATOR_MODES,
     MAX_MMAP_THRESHOLD_MB,
+    check_allocator_options,
     resolve_cpu_allocator,
 )
-from lightning_eff.validation import check_choice, check_number
 
 __all__ = ["CPUAllocator"]
 
@@ -43,9 +42,8 @@ class CPUAllocator(EffCallback):
 
     def __init__(self, mode: str = "auto", mmap_threshold_mb: float = MAX_MMAP_THRESHOLD_MB, trim_threshold_mb: float = 1024) -> None:
         super().__init__(module_attr=None)
-        self.mode = check_choice("mode", mode, ALLOCATOR_MODES)
-        self.mmap_threshold_mb = check_number("mmap_threshold_mb", mmap_threshold_mb, low=0.125, high=MAX_MMAP_THRESHOLD_MB)
-        self.trim_threshold_mb = check_number("trim_threshold_mb", trim_threshold_mb, low=0.125, high=1 << 20)
+        self.mode, self.mmap_threshold_mb, self.trim_threshold_mb = check_allocator_options(
+            mode, mmap_threshold_mb, trim_threshold_mb, mode_name="mode")
         self.result: dict[str, Any] | None = None
 
     @property

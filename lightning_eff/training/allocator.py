@@ -46,8 +46,8 @@ from typing import Any
 from lightning_eff.errors import ConfigError
 from lightning_eff.validation import check_choice, check_number
 
-__all__ = ["ALLOCATOR_MODES", "MAX_MMAP_THRESHOLD_MB", "allocator_facts", "page_faults", "resolve_cpu_allocator",
-           "tune_cpu_allocator", "tuned_thresholds"]
+__all__ = ["ALLOCATOR_MODES", "MAX_MMAP_THRESHOLD_MB", "allocator_facts", "check_allocator_options", "page_faults",
+           "resolve_cpu_allocator", "tune_cpu_allocator", "tuned_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ MAX_MMAP_THRESHOLD_MB = 32
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _PRELOADED = ("tcmalloc", "jemalloc", "mimalloc")
 _applied: dict[str, int] = {}  # what this process set (mallopt cannot be read back)
+
+
+def check_allocator_options(mode: str = "auto", mmap_threshold_mb: float = MAX_MMAP_THRESHOLD_MB,
+                            trim_threshold_mb: float = 1024, *, mode_name: str = "cpu_allocator") -> tuple[str, float, float]:
+    """The validated ``(mode, mmap_threshold_mb, trim_threshold_mb)``; a ``ConfigError`` names a bad one."""
+    return (check_choice(mode_name, mode, ALLOCATOR_MODES),
+            check_number("mmap_threshold_mb", mmap_threshold_mb, low=0.125, high=MAX_MMAP_THRESHOLD_MB),
+            check_number("trim_threshold_mb", trim_threshold_mb, low=0.125, high=1 << 20))
 
 
 def allocator_facts() -> dict[str, Any]:
@@ -91,8 +99,7 @@ def tune_cpu_allocator(mmap_threshold_mb: float = MAX_MMAP_THRESHOLD_MB, trim_th
         ConfigError: a threshold out of range, a C library that is not glibc, or a malloc replacement
             already loaded (its own caching applies; glibc's settings would not).
     """
-    mmap_mb = check_number("mmap_threshold_mb", mmap_threshold_mb, low=0.125, high=MAX_MMAP_THRESHOLD_MB)
-    trim_mb = check_number("trim_threshold_mb", trim_threshold_mb, low=0.125, high=1 << 20)
+    _, mmap_mb, trim_mb = check_allocator_options("tuned", mmap_threshold_mb, trim_threshold_mb)
     facts = allocator_facts()
     if facts["libc"] is None:
         raise ConfigError("cpu_allocator='tuned' needs glibc (mallopt), and this process runs on another C library: "
@@ -116,7 +123,7 @@ def resolve_cpu_allocator(mode: str = "auto", mmap_threshold_mb: float = MAX_MMA
     ``{"mode": ..., "applied": bool, "reason": str, "thresholds": {...}, "facts": allocator_facts()}``;
     ``auto`` never raises for the machine (it says in ``reason`` why it left the allocator alone).
     """
-    check_choice("cpu_allocator", mode, ALLOCATOR_MODES)
+    check_allocator_options(mode, mmap_threshold_mb, trim_threshold_mb)
     facts = allocator_facts()
     out: dict[str, Any] = {"mode": mode, "applied": False, "reason": "", "thresholds": {}, "facts": facts}
     if mode == "default":

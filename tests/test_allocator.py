@@ -15,12 +15,20 @@ from lightning_eff.errors import ConfigError
 
 GLIBC = A.allocator_facts()["libc"] is not None and A.allocator_facts()["preloaded"] is None
 
-# A training step's pattern: many activations alive at once (more than glibc's dynamic trim threshold),
-# freed together at the end of the step, allocated again by the next one.
+# A training step's pattern: many activations alive at once, freed together at the end of the step,
+# allocated again by the next one. glibc's *dynamic* default is not deterministic here (whether the top of
+# its heap is trimmed depends on what else sits above it: 0 to 49k faults per step in six runs of the same
+# script), so the baseline that must fault pins glibc's initial thresholds (128 KiB) instead; the real
+# network's default faulted in every one of the benchmark's 12 process pairs (README).
 _STEPS = textwrap.dedent("""
-    import json, sys, torch
+    import ctypes, json, sys, torch
     from lightning_eff.training.allocator import page_faults, resolve_cpu_allocator
-    result = resolve_cpu_allocator(sys.argv[1])
+    if sys.argv[1] == "static_default":
+        libc = ctypes.CDLL("libc.so.6")
+        assert libc.mallopt(-3, 128 << 10) == 1 and libc.mallopt(-1, 128 << 10) == 1  # M_MMAP_/M_TRIM_THRESHOLD
+        result = resolve_cpu_allocator("default")
+    else:
+        result = resolve_cpu_allocator(sys.argv[1])
     def step():
         kept = [torch.empty(3 << 20).fill_(1.0) for _ in range(16)]  # 16 x 12 MiB alive at once, then freed
         return sum(float(t[0]) for t in kept)
@@ -31,6 +39,7 @@ _STEPS = textwrap.dedent("""
         step()
     print(json.dumps({"faults_per_step": (page_faults() - before) / 10, "applied": result["applied"]}))
 """)
+_PAGES_PER_STEP = 16 * (12 << 20) // 4096  # 49,152 pages of 4 KiB touched per step
 
 
 def _faults(mode: str) -> dict:
@@ -40,11 +49,11 @@ def _faults(mode: str) -> dict:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt: this process runs on another C library or a preloaded allocator")
 def test_tuned_allocator_stops_the_page_faults_of_every_step():
-    default, auto = _faults("default"), _faults("auto")
-    assert not default["applied"] and auto["applied"]
-    # 192 MiB touched per step = 49k pages: the default maps (and the kernel zeroes) most of them again
-    assert default["faults_per_step"] > 10_000, default
-    assert auto["faults_per_step"] < 0.02 * default["faults_per_step"], (default, auto)
+    baseline, auto = _faults("static_default"), _faults("auto")
+    assert not baseline["applied"] and auto["applied"]
+    # the measurement sees faults: with glibc's initial thresholds every 12 MiB tensor is mapped (and zeroed) again
+    assert baseline["faults_per_step"] > 0.8 * _PAGES_PER_STEP, baseline
+    assert auto["faults_per_step"] < 0.02 * _PAGES_PER_STEP, (baseline, auto)
 
 
 def test_auto_leaves_other_c_libraries_and_preloaded_allocators_alone(monkeypatch):

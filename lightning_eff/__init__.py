@@ -60,6 +60,7 @@ _EXPORTS = {
     "remove_activation_checkpointing": "lightning_eff.training.checkpointing",
     "register_comm_hook": "lightning_eff.training.ddp",
     "resolve_precision": "lightning_eff.training.precision",
+    "measure_bf16": "lightning_eff.training.precision",
 }
 
 
@@ -133,7 +134,7 @@ if TYPE_CHECKING:  # what static tools see: the same names, imported eagerly
         remove_activation_checkpointing,
     )
     from lightning_eff.training.ddp import register_comm_hook
-    from lightning_eff.training.precision import resolve_precision
+    from lightning_eff.training.precision import measure_bf16, resolve_precision
 
 __version__ = "0.1.0"
 
@@ -180,5 +181,6 @@ __all__ = [
     "remove_activation_checkpointing",
     "register_comm_hook",
     "resolve_precision",
+    "measure_bf16",
     "saved_activation_bytes",
 ]

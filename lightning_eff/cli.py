@@ -32,6 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lightning_eff.atomic import AtomicCheckpointIO, write_results
 from lightning_eff.callbacks.progress import ProgressLog, format_seconds
@@ -47,7 +48,11 @@ from lightning_eff.recipes import (
 from lightning_eff.report import build_report, evaluate_accuracy
 from lightning_eff.stages import Stage, copy_backbone, plan_stages
 from lightning_eff.training.allocator import ALLOCATOR_MODES, resolve_cpu_allocator
-from lightning_eff.training.precision import precision_facts, resolve_precision
+from lightning_eff.training.precision import (
+    check_precision,
+    choose_precision,
+    measure_bf16,
+)
 from lightning_eff.validation import check_bool, check_choice, check_number
 
 __all__ = ["compose", "run", "validate_config", "build", "list_recipes", "check_recipe", "data_shaped", "REPO_ROOT"]
@@ -159,7 +164,7 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     if isinstance(trainer.get("strategy"), Mapping):
         _check_target_node("trainer.strategy", trainer["strategy"])
     if trainer.get("precision") is not None:
-        resolve_precision(trainer["precision"], flags={})  # a ConfigError naming the choices; nothing resolved yet
+        check_precision(trainer["precision"])  # a ConfigError naming the choices; resolved per stage in run()
     check_choice("cpu_allocator", c.get("cpu_allocator", "auto"), ALLOCATOR_MODES)
     plugins = trainer.get("plugins")
     for i, node in enumerate([] if plugins is None else plugins if isinstance(plugins, list) else [plugins]):
@@ -371,7 +376,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
     run_started = time.perf_counter()
     progress = check_bool("progress", c.get("progress", True))
-    precision = _resolve_run_precision(c)
+    _check_run_precision(c)
     allocator = resolve_cpu_allocator(c.get("cpu_allocator", "auto"))  # before the data and model allocate anything
     plan = plan_stages(c)
     optimized = check_optimized_metric(c)
@@ -384,6 +389,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     teacher, teacher_path, handed = None, None, None  # handed: (kind, network) for the next stage
     task, fp32_model, stage_metrics = None, None, {}
     executed: list[tuple[Stage, L.Trainer, list[L.Callback]]] = []
+    precisions: dict[str, dict[str, Any]] = {}  # per trained stage: requested, resolved, facts (+ measured)
     for index, stage in enumerate(plan):
         last = index == len(plan) - 1
         stage_dir = run_dir if stage.main else run_dir / stage.name
@@ -435,6 +441,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
             if progress:
                 callbacks.insert(0, ProgressLog(stage=stage.name))
             trainer_cfg = {**dict(c.get("trainer") or {}), **stage.trainer}
+            precisions[stage.name] = _stage_precision(trainer_cfg, task.model, datamodule, callbacks)
+            trainer_cfg["precision"] = precisions[stage.name]["resolved"]
             if "teacher" in stage.hands_over:
                 trainer_cfg["enable_checkpointing"] = False  # its checkpoint is written below, atomically
             trainer = _trainer(trainer_cfg, callbacks, stage_dir, multirun)
@@ -459,6 +467,10 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
             stage_metrics[f"{stage.name}/test_acc"] = acc
 
     final_trainer = executed[-1][1]
+    main = next((s.name for s, _, _ in executed if s.main), executed[0][0].name)
+    precision = {**precisions[main], "stages": precisions}
+    for stage, _, _ in reversed(executed):  # the saved config says what ran (the main stage's value wins at the root)
+        _record_precision(c, stage, precisions[stage.name]["resolved"])
     fit_metrics = {k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}  # trainer.test() replaces them
     tested = bool(c.get("test_after_fit", True))
     if tested:
@@ -495,24 +507,57 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     return result
 
 
-def _resolve_run_precision(c: dict) -> dict[str, Any]:
-    """Resolve ``trainer.precision`` (and each stage's) once, in place: ``auto`` becomes a Lightning value.
+def _check_run_precision(c: dict) -> None:
+    """Every ``precision`` of the run (the trainer's and each stage's) is a known value: checked before anything runs."""
+    if (c.get("trainer") or {}).get("precision") is not None:
+        check_precision(c["trainer"]["precision"])
+    for name, stage in (c.get("stages") or {}).items():
+        value = ((stage or {}).get("trainer") or {}).get("precision")
+        if value is not None:
+            check_precision(value, f"stages.{name}.trainer.precision")
 
-    Returns what ``results.json`` records: the requested and resolved value and the facts it was decided from.
-    """
-    trainer = c.setdefault("trainer", {}) or {}
-    c["trainer"] = trainer
-    requested = trainer.get("precision", "32-true")
-    accelerator = str(trainer.get("accelerator", "auto"))
-    trainer["precision"] = resolve_precision(requested, accelerator)
-    for stage in (c.get("stages") or {}).values():
-        stage_trainer = (stage or {}).get("trainer") or {}
-        if stage_trainer.get("precision") is not None:
-            stage_trainer["precision"] = resolve_precision(stage_trainer["precision"],
-                                                           str(stage_trainer.get("accelerator", accelerator)))
-    if str(requested) == "auto" or trainer["precision"] != "32-true":
-        log.info("trainer.precision=%r -> %r", requested, trainer["precision"])
-    return {"requested": str(requested), "resolved": trainer["precision"], "facts": precision_facts(accelerator)}
+
+def _one_process(trainer_cfg: Mapping) -> bool:
+    """Whether the stage trains in this process alone (so a measurement here decides for every rank)."""
+    from lightning_eff.strategies import processes_created_externally
+
+    return (str(trainer_cfg.get("devices", "auto")) in ("1", "auto") and str(trainer_cfg.get("num_nodes", 1)) == "1"
+            and not processes_created_externally())
+
+
+def _train_inputs(datamodule: L.LightningDataModule) -> Any:
+    """The inputs of the first training batch, drawn without moving the run's random stream (shuffling)."""
+    from lightning_eff.batch import model_inputs, to_cpu
+
+    with torch.random.fork_rng(devices=[]):
+        return to_cpu(model_inputs(next(iter(datamodule.train_dataloader()))))
+
+
+def _stage_precision(trainer_cfg: Mapping, network: nn.Module, datamodule: L.LightningDataModule,
+                     callbacks: Sequence[L.Callback]) -> dict[str, Any]:
+    """The stage's precision, resolved: ``auto`` on a CPU with bf16 hardware measures the stage's network on a real
+    batch in the layout it will train in (one process only: DDP ranks must agree, so they use the hardware rule)."""
+    from lightning_eff.callbacks.layout import ChannelsLast
+
+    requested = trainer_cfg.get("precision", "32-true")
+    measure = None
+    if str(requested) == "auto" and _one_process(trainer_cfg):
+        channels_last = any(isinstance(cb, ChannelsLast) for cb in callbacks)
+
+        def measure() -> dict[str, Any]:
+            return measure_bf16(network, _train_inputs(datamodule), channels_last=channels_last)
+
+    return choose_precision(requested, str(trainer_cfg.get("accelerator", "auto")), measure=measure)
+
+
+def _record_precision(c: dict, stage: Stage, resolved: str) -> None:
+    """Write the resolved value where ``auto`` was given (the stage's trainer, else the run's), so the saved config
+    says what ran; a later stage that inherits the run's ``auto`` and resolves otherwise keeps its own value."""
+    node = ((c.get("stages") or {}).get(stage.name) or {}).get("trainer") or {}
+    if node.get("precision") is not None:
+        node["precision"] = resolved
+    elif str((c.get("trainer") or {}).get("precision", "")) == "auto" or stage.main:
+        c.setdefault("trainer", {})["precision"] = resolved
 
 
 def _to_float(v: Any) -> Any:

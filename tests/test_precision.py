@@ -1,5 +1,6 @@
-"""Mixed precision: ``auto`` resolves by hardware (mocked CPUs with and without AMX / AVX-512-BF16, CUDA),
-the presets compose, the CLI records the choice, QAT refuses it, distillation runs under it."""
+"""Mixed precision: ``auto`` resolves by hardware (mocked CPUs with and without AMX / AVX-512-BF16, CUDA) and, where
+bf16 hardware exists, by a measurement of the model (mocked ratios; the real probe leaves model and RNG alone);
+the presets compose, the CLI records the choice per stage, QAT refuses it, distillation runs under it."""
 from __future__ import annotations
 
 import json
@@ -50,20 +51,141 @@ def test_presets_compose(preset):
     assert cfg.trainer.strategy == "auto" and cfg.trainer.devices == 1  # the distributed preset beside it
 
 
-def test_cli_resolves_once_and_records_it(tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="lightning_eff")
-    monkeypatch.setattr(P, "cpu_flags", lambda: dict(AMX))  # as if on an AMX machine: auto -> bf16-mixed
+FAST = {"fp32_ms": 100.0, "bf16_ms": 60.0, "ratio": 0.6}
+SLOW = {"fp32_ms": 187.0, "bf16_ms": 284.0, "ratio": 1.51}  # make train's step on an AMX Xeon, 2026-12-03
+
+
+@pytest.mark.parametrize("measured,expected", [(FAST, "bf16-mixed"), (SLOW, "32-true"),
+                                               ({"ratio": P.BF16_MIN_SPEEDUP}, "bf16-mixed"),
+                                               ({"ratio": P.BF16_MIN_SPEEDUP + 0.01}, "32-true")])
+@pytest.mark.parametrize("flags", [AMX, AVX512_BF16])
+def test_auto_measures_where_bf16_hardware_exists(flags, measured, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = compose("mobilenet_baseline", ["trainer/precision=auto", "++trainer.fast_dev_run=true", "model=mobilenetv2_tiny",
-                                         f"run_dir={tmp_path}", "print_report=false", "report.latency=false", "report.memory=false"])
-    result = run(cfg)
-    assert result["precision"]["requested"] == "auto" and result["precision"]["resolved"] == "bf16-mixed"
+    decision = P.choose_precision("auto", "cpu", flags=flags, measure=lambda: measured)
+    assert decision["resolved"] == expected and decision["measured"] == measured and decision["requested"] == "auto"
+
+
+def test_auto_does_not_measure_without_bf16_hardware_or_on_cuda(monkeypatch):
+    def boom():
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert P.choose_precision("auto", "cpu", flags=AVX2, measure=boom) == {
+        "requested": "auto", "resolved": "32-true", "facts": P.precision_facts("cpu", AVX2)}
+    assert P.choose_precision("bf16-mixed", "cpu", flags=AMX, measure=boom)["resolved"] == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "mock GPU")
+    assert P.choose_precision("auto", "gpu", flags=AMX, measure=boom)["resolved"] == "16-mixed"
+
+
+def test_a_failed_measurement_trains_in_float32(monkeypatch, caplog):
+    def fails():
+        raise RuntimeError("no bf16 kernel for this op")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    decision = P.choose_precision("auto", "cpu", flags=AMX, measure=fails)
+    assert decision["resolved"] == "32-true" and "no bf16 kernel" in decision["measured"]["error"]
+    assert "bf16 measurement failed" in caplog.text
+
+
+class _DictNet(torch.nn.Module):  # keyword inputs and an HF-style output, dropout drawing from the RNG
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.drop, self.fc = torch.nn.Embedding(50, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.drop(self.emb(input_ids)) * attention_mask[..., None]
+        return type("Out", (), {"logits": self.fc(h.mean(1))})()
+
+
+def test_measure_bf16_times_a_copy_and_leaves_model_and_rng_alone():
+    torch.manual_seed(0)
+    net = UserNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(16, 1, 12, 12)
+    state = torch.random.get_rng_state()
+    out = P.measure_bf16(net, x, rounds=2, channels_last=True)
+    assert out["fp32_ms"] > 0 and out["bf16_ms"] > 0 and out["rounds"] == 2 and out["batch_shape"] == [16, 1, 12, 12]
+    assert out["ratio"] == pytest.approx(out["bf16_ms"] / out["fp32_ms"])
+    assert torch.equal(torch.random.get_rng_state(), state)  # dropout/shuffling of the run unchanged
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics and weights untouched
+    assert net.conv.weight.grad is None and net.conv.weight.is_contiguous()  # no gradient, no layout change left
+    inputs = {"input_ids": torch.randint(0, 50, (4, 7)), "attention_mask": torch.ones(4, 7)}
+    assert P.measure_bf16(_DictNet(), inputs, rounds=1, budget_s=0)["rounds"] == 1  # at least one round
+    with pytest.raises(ConfigError, match="rounds"):
+        P.measure_bf16(net, torch.randn(2, 1, 8, 8), rounds=0)
+
+
+def _compose_auto(tmp_path, *extra):
+    return compose("mobilenet_baseline", ["trainer/precision=auto", "++trainer.fast_dev_run=true", "model=mobilenetv2_tiny",
+                                          f"run_dir={tmp_path}", "print_report=false", "report.latency=false",
+                                          "report.memory=false", *extra])
+
+
+@pytest.mark.parametrize("measured,expected", [(FAST, "bf16-mixed"), (SLOW, "32-true")])
+def test_cli_resolves_once_and_records_it(tmp_path, monkeypatch, caplog, measured, expected):
+    import lightning_eff.cli as cli
+
+    caplog.set_level(logging.INFO, logger="lightning_eff")
+    monkeypatch.setattr(P, "cpu_flags", lambda: dict(AMX))  # as if on an AMX machine: auto measures
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = []
+
+    def measure(net, inputs, channels_last):
+        seen.append((type(net).__name__, tuple(inputs.shape), channels_last))
+        return measured
+
+    monkeypatch.setattr(cli, "measure_bf16", measure)
+    result = run(_compose_auto(tmp_path))
+    assert seen == [("EfficientNet", (128, 1, 32, 32), False)]  # the stage's network, a real training batch
+    assert result["precision"]["requested"] == "auto" and result["precision"]["resolved"] == expected
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["precision"]["resolved"] == "bf16-mixed" and saved["config"]["trainer"]["precision"] == "bf16-mixed"
-    assert saved["precision"]["facts"]["amx_bf16"] is True
+    assert saved["precision"]["resolved"] == expected and saved["config"]["trainer"]["precision"] == expected
+    assert saved["precision"]["facts"]["amx_bf16"] is True and saved["precision"]["measured"] == measured
+    assert saved["precision"]["stages"]["fit"]["resolved"] == expected
     text = "\n".join(r.getMessage() for r in caplog.records)  # the CLI's progress lines (ProgressLog: test_progress.py)
-    assert "stage fit (1/1) started: precision bf16-mixed" in text and "stage fit done in" in text
+    assert f"stage fit (1/1) started: precision {expected}" in text and "stage fit done in" in text
     assert "report: measuring every variant" in text and "run done in" in text
+
+
+def test_cli_uses_the_hardware_rule_for_several_processes(tmp_path, monkeypatch):
+    import lightning_eff.cli as cli
+
+    monkeypatch.setattr(P, "cpu_flags", lambda: dict(AMX))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "measure_bf16", lambda *a, **k: pytest.fail("measured with several processes"))
+    assert cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [])["resolved"] == "bf16-mixed"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one rank of a torchrun/srun group
+    assert cli._stage_precision({"precision": "auto"}, UserNet(), UserData(), [])["resolved"] == "bf16-mixed"
+
+
+def test_cli_records_each_stage(tmp_path, monkeypatch):
+    import lightning_eff.cli as cli
+
+    monkeypatch.setattr(P, "cpu_flags", lambda: dict(AMX))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    layouts = []
+
+    def measure(net, inputs, channels_last):
+        layouts.append(channels_last)
+        return FAST
+
+    monkeypatch.setattr(cli, "measure_bf16", measure)
+    cfg = compose("mobilenet_qat", ["++trainer.fast_dev_run=true", "model=mobilenetv2_tiny", f"run_dir={tmp_path}",
+                                    "print_report=false", "report.latency=false", "report.memory=false",
+                                    "~callbacks.export", "~stages.finetune.callbacks.export", "~callbacks.ptq",
+                                    "~callbacks.weight_only"])
+    result = run(cfg)
+    assert layouts == [True]  # the float stage trains channels-last, and was measured so; QAT asks for 32-true
+    stages = result["precision"]["stages"]
+    assert stages["fit"]["resolved"] == "bf16-mixed" and stages["fit"]["measured"] == FAST
+    assert stages["finetune"] == {"requested": "32-true", "resolved": "32-true", "facts": stages["fit"]["facts"]}
+    assert result["precision"]["resolved"] == "bf16-mixed"  # the main stage's
+    saved = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert saved["stages"]["fit"]["trainer"]["precision"] == "bf16-mixed"
+    assert saved["stages"]["finetune"]["trainer"]["precision"] == "32-true"
 
 
 def test_qat_refuses_mixed_precision(tmp_path):

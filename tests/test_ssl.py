@@ -179,10 +179,18 @@ def test_pretraining_tasks_build_their_head_for_the_features_of_any_model(name):
 @needs_fmnist
 @pytest.mark.parametrize("cls", [SimCLRTask, RotationTask])
 def test_pretraining_tasks_lower_their_loss_on_real_images_and_log_a_knn_probe(cls):
-    """Fitting one fixed batch of real images lowers the loss on it: gradients reach the head and the backbone."""
+    """Fitting one fixed batch of real images lowers the loss on it: gradients reach the head and the backbone.
+
+    SimCLR with mild views (crops of 80-100%, flips, no colour) and lr 0.05 for 30 steps: the loss on fresh views drops
+    by 1.0-1.3 for seeds 0-3 on an AMX Xeon. The test's earlier setting (the default strong views, lr 0.3, 20 steps)
+    passed on AVX2 but collapsed to the chance value log(63) on that Xeon: 4.150 -> 4.142 (and lr 0.1 with mild views
+    collapsed for one seed of four), so its margin was the CPU's rounding, not the learning."""
     L.seed_everything(0, verbose=False)
     data = FMNISTBatch()
-    task = cls(SMALL, lr=0.3 if cls is SimCLRTask else 0.02, scheduler="constant")
+    if cls is SimCLRTask:
+        task = cls(SMALL, lr=0.05, scheduler="constant", views={"crop_scale": [0.8, 1.0], "jitter": 0.0, "grayscale": 0.0})
+    else:
+        task = cls(SMALL, lr=0.02, scheduler="constant")
     x = data.dm.train_set.transform(data.dm.train_set.images, augment=False)
 
     def eval_loss():
@@ -194,7 +202,7 @@ def test_pretraining_tasks_lower_their_loss_on_real_images_and_log_a_knn_probe(c
 
     before = eval_loss()  # train-mode BatchNorm (batch statistics) before and after: the same function of x
     monitor = KNNMonitor(bank_size=32, query_size=32, k=5)
-    trainer = _fit(task, data, steps=20, callbacks=[monitor])
+    trainer = _fit(task, data, steps=30 if cls is SimCLRTask else 20, callbacks=[monitor])
     task.train()
     after = eval_loss()
     assert after < before - 0.1, (before, after)

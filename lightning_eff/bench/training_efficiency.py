@@ -8,7 +8,9 @@ the same process by the one interleaved timer (:func:`lightning_eff.measure.time
   224x224 (batch 8) and the BERT student (2 layers x 256, 64 tokens, batch 32): bytes saved for backward
   (:func:`~lightning_eff.measure.saved_activation_bytes`) and training-step time, each vs the same net without;
 - **bf16-mixed** vs fp32: step time (``torch.autocast("cpu", bfloat16)``, what Lightning's ``bf16-mixed`` runs)
-  and the loss difference after the same steps on real Fashion-MNIST batches from the same initialisation;
+  and the loss difference after the same steps on real Fashion-MNIST batches from the same initialisation; and
+  what ``precision=auto`` picks for each of the three networks above (its own measurement,
+  :func:`~lightning_eff.training.precision.measure_bf16`: bf16 only where a step is at least 10% faster);
 - **DDP**: 2 CPU processes (gloo, 1 thread each) vs 1 process (2 threads) at equal global batch, through
   Lightning's ``ddp_spawn``: training throughput (steps after the first two) and the final loss on a fixed batch;
 - **cpu_allocator** (:mod:`~lightning_eff.training.allocator`): the float training step of ``make train``'s
@@ -47,6 +49,7 @@ from lightning_eff.measure import (
 )
 from lightning_eff.training.checkpointing import apply_activation_checkpointing
 from lightning_eff.training.layout import ChannelsLastInput, compile_network
+from lightning_eff.training.precision import BF16_MIN_SPEEDUP, measure_bf16
 
 log = logging.getLogger(__name__)
 #: The ``memory_budget`` the headline checkpointing figures use (the share of saved activations to keep):
@@ -135,7 +138,11 @@ def _bf16(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
             return b_inner()
 
     timer.time("bf16", {"fp32": f_step, "bf16_mixed": b_step}, rounds=3 if quick else 5, repeats=3, warmup=2, threads=threads)
-    return {"steps": steps, "fp32_loss_tail": sum(fp32[-tail:]) / tail, "bf16_loss_tail": sum(bf16[-tail:]) / tail,
+    auto = {}  # what precision=auto picks for each network here (its own measurement: forward + backward, alternating)
+    for name, (net, inputs, _) in _models(quick).items():
+        measured = measure_bf16(net, inputs, channels_last=name.startswith("mobilenet"), rounds=3 if quick else 5)
+        auto[name] = {**measured, "auto": "bf16-mixed" if measured["ratio"] <= BF16_MIN_SPEEDUP else "32-true"}
+    return {"auto": auto, "steps": steps, "fp32_loss_tail": sum(fp32[-tail:]) / tail, "bf16_loss_tail": sum(bf16[-tail:]) / tail,
             "loss_diff": abs(sum(fp32[-tail:]) - sum(bf16[-tail:])) / tail,
             "step_time_ratio": timer.ratio("bf16_step_time_ratio", "bf16", "bf16_mixed", "fp32")}
 
@@ -309,6 +316,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     payload.update(checkpointing=ckpt, bf16=bf16, ddp=ddp, allocator=alloc, compile_and_layout=layout, wall_s=time.perf_counter() - t0)
     if ckpt:
         print(format_table(ckpt))
+    if bf16:
+        print(format_table(bf16["auto"], columns=["fp32_ms", "bf16_ms", "ratio", "auto"]))
     worst = max(ckpt.values(), key=lambda r: r["activation_ratio"]) if ckpt else {}
     slowest = max(ckpt.values(), key=lambda r: r["step_time_ratio"]) if ckpt else {}
     result = {

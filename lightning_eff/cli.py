@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -47,6 +49,7 @@ from lightning_eff.recipes import (
 )
 from lightning_eff.report import build_report, evaluate_accuracy
 from lightning_eff.stages import Stage, copy_backbone, plan_stages
+from lightning_eff.strategies import multirun_strategy, processes_created_externally
 from lightning_eff.training.allocator import ALLOCATOR_MODES, resolve_cpu_allocator
 from lightning_eff.training.precision import (
     check_precision,
@@ -334,8 +337,6 @@ def _trainer(trainer_cfg: dict, callbacks: list, run_dir: Path, multirun: bool) 
         # A Hydra multirun child whose DDP ranks start by re-running the command line would re-run the whole
         # sweep from every rank (lightning-hydra-template #393): such a strategy starts its ranks in-process
         # instead (its comm hook, backend and DDP options kept); ranks started by torchrun/srun are left alone.
-        from lightning_eff.strategies import multirun_strategy
-
         trainer_cfg["strategy"], why = multirun_strategy(strategy)
         if why:
             warnings.warn(why, stacklevel=2)
@@ -377,6 +378,8 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     run_started = time.perf_counter()
     progress = check_bool("progress", c.get("progress", True))
     _check_run_precision(c)
+    if not processes_created_externally():  # this process decides for itself: no decision of an earlier run kept
+        os.environ.pop(PRECISION_ENV, None)
     allocator = resolve_cpu_allocator(c.get("cpu_allocator", "auto"))  # before the data and model allocate anything
     plan = plan_stages(c)
     optimized = check_optimized_metric(c)
@@ -441,7 +444,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
             if progress:
                 callbacks.insert(0, ProgressLog(stage=stage.name))
             trainer_cfg = {**dict(c.get("trainer") or {}), **stage.trainer}
-            precisions[stage.name] = _stage_precision(trainer_cfg, task.model, datamodule, callbacks)
+            precisions[stage.name] = _stage_precision(trainer_cfg, task.model, datamodule, callbacks, stage.name)
             trainer_cfg["precision"] = precisions[stage.name]["resolved"]
             if "teacher" in stage.hands_over:
                 trainer_cfg["enable_checkpointing"] = False  # its checkpoint is written below, atomically
@@ -517,12 +520,26 @@ def _check_run_precision(c: dict) -> None:
             check_precision(value, f"stages.{name}.trainer.precision")
 
 
-def _one_process(trainer_cfg: Mapping) -> bool:
-    """Whether the stage trains in this process alone (so a measurement here decides for every rank)."""
-    from lightning_eff.strategies import processes_created_externally
+#: How Lightning's launcher hands ``auto``'s per-stage decisions to the ranks it starts by re-running the command line
+#: (``trainer.strategy=ddp``): the launching process measures, its ranks read the decision instead of measuring apart.
+PRECISION_ENV = "LIGHTNING_EFF_AUTO_PRECISION"
 
-    return (str(trainer_cfg.get("devices", "auto")) in ("1", "auto") and str(trainer_cfg.get("num_nodes", 1)) == "1"
-            and not processes_created_externally())
+
+def _decides_for_all_ranks(trainer_cfg: Mapping) -> bool:
+    """Whether this process's measurement decides for every rank of the stage: one machine, ranks not started outside
+    (``ddp_spawn`` ranks get the Trainer built here; ``ddp`` ranks read :data:`PRECISION_ENV`)."""
+    return str(trainer_cfg.get("num_nodes", 1)) == "1" and not processes_created_externally()
+
+
+def _launcher_precision(stage: str) -> str | None:
+    """The decision of the process that launched this rank (``None``: not launched so, or nothing decided)."""
+    if not processes_created_externally():
+        return None
+    try:
+        value = json.loads(os.environ.get(PRECISION_ENV, "{}")).get(stage)
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _train_inputs(datamodule: L.LightningDataModule) -> Any:
@@ -534,20 +551,33 @@ def _train_inputs(datamodule: L.LightningDataModule) -> Any:
 
 
 def _stage_precision(trainer_cfg: Mapping, network: nn.Module, datamodule: L.LightningDataModule,
-                     callbacks: Sequence[L.Callback]) -> dict[str, Any]:
+                     callbacks: Sequence[L.Callback], stage: str = "fit") -> dict[str, Any]:
     """The stage's precision, resolved: ``auto`` on a CPU with bf16 hardware measures the stage's network on a real
-    batch in the layout it will train in (one process only: DDP ranks must agree, so they use the hardware rule)."""
+    batch in the layout it will train in. DDP ranks must agree: the process that launches them measures and hands
+    its decision down (:data:`PRECISION_ENV`); ranks started outside (torchrun, srun) or several nodes, where no
+    process decides for all, use the hardware rule."""
     from lightning_eff.callbacks.layout import ChannelsLast
 
     requested = trainer_cfg.get("precision", "32-true")
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    auto = str(requested) == "auto"
+    launched = _launcher_precision(stage) if auto else None
+    if launched is not None:
+        check_precision(launched, PRECISION_ENV)
+        log.info("stage %s: precision=auto is %r, as the process that launched this rank decided", stage, launched)
+        return {**choose_precision(launched, accelerator), "requested": "auto", "from_launcher": True}
     measure = None
-    if str(requested) == "auto" and _one_process(trainer_cfg):
+    if auto and _decides_for_all_ranks(trainer_cfg):
         channels_last = any(isinstance(cb, ChannelsLast) for cb in callbacks)
 
         def measure() -> dict[str, Any]:
             return measure_bf16(network, _train_inputs(datamodule), channels_last=channels_last)
 
-    return choose_precision(requested, str(trainer_cfg.get("accelerator", "auto")), measure=measure)
+    decision = choose_precision(requested, accelerator, measure=measure)
+    if measure is not None:  # the ranks Lightning starts by re-running this command read it
+        decided = json.loads(os.environ.get(PRECISION_ENV, "{}") or "{}")
+        os.environ[PRECISION_ENV] = json.dumps({**decided, stage: decision["resolved"]})
+    return decision
 
 
 def _record_precision(c: dict, stage: Stage, resolved: str) -> None:

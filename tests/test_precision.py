@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import lightning as L
 import pytest
@@ -150,15 +151,28 @@ def test_cli_resolves_once_and_records_it(tmp_path, monkeypatch, caplog, measure
     assert "report: measuring every variant" in text and "run done in" in text
 
 
-def test_cli_uses_the_hardware_rule_for_several_processes(tmp_path, monkeypatch):
+def test_ddp_ranks_take_the_launching_process_decision(monkeypatch):
     import lightning_eff.cli as cli
 
     monkeypatch.setattr(P, "cpu_flags", lambda: dict(AMX))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli, "measure_bf16", lambda *a, **k: pytest.fail("measured with several processes"))
-    assert cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [])["resolved"] == "bf16-mixed"
-    monkeypatch.setenv("LOCAL_RANK", "1")  # one rank of a torchrun/srun group
-    assert cli._stage_precision({"precision": "auto"}, UserNet(), UserData(), [])["resolved"] == "bf16-mixed"
+    for var in ("LOCAL_RANK", cli.PRECISION_ENV):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(cli, "measure_bf16", lambda *a, **k: calls.append(1) or SLOW)
+    # the launching process of a 2-process `ddp` run measures once and hands the decision to the ranks it starts
+    parent = cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [], "fit")
+    assert parent["resolved"] == "32-true" and calls == [1]
+    assert json.loads(os.environ[cli.PRECISION_ENV]) == {"fit": "32-true"}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started by re-running the command: no measurement
+    child = cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [], "fit")
+    assert child["resolved"] == "32-true" and child["from_launcher"] is True and calls == [1]
+    # a rank of a torchrun/srun group (nothing handed down), or several nodes: the hardware rule, never measured
+    monkeypatch.delenv(cli.PRECISION_ENV)
+    assert cli._stage_precision({"precision": "auto"}, UserNet(), UserData(), [], "fit")["resolved"] == "bf16-mixed"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert cli._stage_precision({"precision": "auto", "num_nodes": 2}, UserNet(), UserData(), [])["resolved"] == "bf16-mixed"
+    assert calls == [1]
 
 
 def test_cli_records_each_stage(tmp_path, monkeypatch):

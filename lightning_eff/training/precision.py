@@ -19,7 +19,7 @@ The rule (why):
   scaling), else ``"16-mixed"`` (fp16 with Lightning's gradient scaler).
 - CPU with ``amx_bf16`` or ``avx512_bf16`` and a ``measure`` given: ``"bf16-mixed"`` when the measured
   bf16/fp32 step-time ratio is at most :data:`BF16_MIN_SPEEDUP`, else ``"32-true"``.
-- CPU with ``amx_bf16`` and nothing to measure (e.g. several DDP processes, which must all choose
+- CPU with ``amx_bf16`` and nothing to measure (e.g. ranks started by torchrun or srun, which must all choose
   the same): ``"bf16-mixed"`` (``avx512_bf16`` alone: ``"32-true"``, measured slower).
 - anything else: ``"32-true"``.
 

@@ -378,7 +378,7 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     run_started = time.perf_counter()
     progress = check_bool("progress", c.get("progress", True))
     _check_run_precision(c)
-    if not processes_created_externally():  # this process decides for itself: no decision of an earlier run kept
+    if _handoff().get("pid") == os.getpid():  # this process's decisions of an earlier run: not this run's
         os.environ.pop(PRECISION_ENV, None)
     allocator = resolve_cpu_allocator(c.get("cpu_allocator", "auto"))  # before the data and model allocate anything
     plan = plan_stages(c)
@@ -472,8 +472,9 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     final_trainer = executed[-1][1]
     main = next((s.name for s, _, _ in executed if s.main), executed[0][0].name)
     precision = {**precisions[main], "stages": precisions}
-    for stage, _, _ in reversed(executed):  # the saved config says what ran (the main stage's value wins at the root)
-        _record_precision(c, stage, precisions[stage.name]["resolved"])
+    root_requested = (c.get("trainer") or {}).get("precision")
+    for stage, _, _ in executed:  # the saved config says what ran
+        _record_precision(c, stage, precisions[stage.name]["resolved"], root_requested)
     fit_metrics = {k: _to_float(v) for k, v in final_trainer.callback_metrics.items()}  # trainer.test() replaces them
     tested = bool(c.get("test_after_fit", True))
     if tested:
@@ -521,24 +522,36 @@ def _check_run_precision(c: dict) -> None:
 
 
 #: How Lightning's launcher hands ``auto``'s per-stage decisions to the ranks it starts by re-running the command line
-#: (``trainer.strategy=ddp``): the launching process measures, its ranks read the decision instead of measuring apart.
+#: (``trainer.strategy=ddp``): ``{"pid": <the launching process>, "stages": {name: value}}``; the launching process
+#: measures, its ranks read the decision instead of measuring apart.
 PRECISION_ENV = "LIGHTNING_EFF_AUTO_PRECISION"
 
 
+def _handoff() -> dict[str, Any]:
+    """The launching process's decisions (:data:`PRECISION_ENV`), ``{}`` when there are none or they do not parse."""
+    try:
+        value = json.loads(os.environ.get(PRECISION_ENV) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) and isinstance(value.get("stages"), dict) else {}
+
+
 def _decides_for_all_ranks(trainer_cfg: Mapping) -> bool:
-    """Whether this process's measurement decides for every rank of the stage: one machine, ranks not started outside
-    (``ddp_spawn`` ranks get the Trainer built here; ``ddp`` ranks read :data:`PRECISION_ENV`)."""
+    """Whether this process's measurement decides for every rank of the stage: one machine, no ranks started yet.
+
+    ``ddp_spawn`` ranks get the Trainer built here; ``ddp`` ranks read :data:`PRECISION_ENV`. Once Lightning has
+    started ``ddp`` ranks (it then sets ``LOCAL_RANK`` here too) a later stage's decision can no longer reach them,
+    so every process of such a stage, this one included, uses the hardware rule.
+    """
     return str(trainer_cfg.get("num_nodes", 1)) == "1" and not processes_created_externally()
 
 
 def _launcher_precision(stage: str) -> str | None:
-    """The decision of the process that launched this rank (``None``: not launched so, or nothing decided)."""
-    if not processes_created_externally():
-        return None
-    try:
-        value = json.loads(os.environ.get(PRECISION_ENV, "{}")).get(stage)
-    except (ValueError, AttributeError):
-        return None
+    """The decision of the process that launched this rank (``None``: not such a rank, or nothing decided for it)."""
+    handoff = _handoff()
+    if not processes_created_externally() or handoff.get("pid") in (None, os.getpid()):
+        return None  # a process never reads its own hand-off as a rank would
+    value = handoff["stages"].get(stage)
     return value if isinstance(value, str) else None
 
 
@@ -565,7 +578,7 @@ def _stage_precision(trainer_cfg: Mapping, network: nn.Module, datamodule: L.Lig
     if launched is not None:
         check_precision(launched, PRECISION_ENV)
         log.info("stage %s: precision=auto is %r, as the process that launched this rank decided", stage, launched)
-        return {**choose_precision(launched, accelerator), "requested": "auto", "from_launcher": True}
+        return {**choose_precision(launched, accelerator), "requested": "auto", "decided_by": "launching process"}
     measure = None
     if auto and _decides_for_all_ranks(trainer_cfg):
         channels_last = any(isinstance(cb, ChannelsLast) for cb in callbacks)
@@ -575,19 +588,25 @@ def _stage_precision(trainer_cfg: Mapping, network: nn.Module, datamodule: L.Lig
 
     decision = choose_precision(requested, accelerator, measure=measure)
     if measure is not None:  # the ranks Lightning starts by re-running this command read it
-        decided = json.loads(os.environ.get(PRECISION_ENV, "{}") or "{}")
-        os.environ[PRECISION_ENV] = json.dumps({**decided, stage: decision["resolved"]})
+        stages = _handoff().get("stages", {}) if _handoff().get("pid") == os.getpid() else {}
+        os.environ[PRECISION_ENV] = json.dumps({"pid": os.getpid(), "stages": {**stages, stage: decision["resolved"]}})
     return decision
 
 
-def _record_precision(c: dict, stage: Stage, resolved: str) -> None:
-    """Write the resolved value where ``auto`` was given (the stage's trainer, else the run's), so the saved config
-    says what ran; a later stage that inherits the run's ``auto`` and resolves otherwise keeps its own value."""
-    node = ((c.get("stages") or {}).get(stage.name) or {}).get("trainer") or {}
-    if node.get("precision") is not None:
-        node["precision"] = resolved
-    elif str((c.get("trainer") or {}).get("precision", "")) == "auto" or stage.main:
+def _record_precision(c: dict, stage: Stage, resolved: str, root_requested: Any) -> None:
+    """Write the resolved value into the saved config, so that re-running it trains as this run did: where the stage
+    gave its own ``precision``, there; else the main stage's at the root, and any other stage that inherited the
+    root's ``auto`` gets a ``trainer.precision`` of its own (its network may have resolved otherwise)."""
+    node = (c.get("stages") or {}).get(stage.name)
+    own = (node or {}).get("trainer") or {}
+    if own.get("precision") is not None:
+        own["precision"] = resolved
+    elif stage.main:
         c.setdefault("trainer", {})["precision"] = resolved
+    elif str(root_requested) == "auto":
+        stages = c.setdefault("stages", {})
+        stages[stage.name] = dict(node or {})
+        stages[stage.name]["trainer"] = {**(stages[stage.name].get("trainer") or {}), "precision": resolved}
 
 
 def _to_float(v: Any) -> Any:

@@ -64,6 +64,7 @@ def test_auto_measures_where_bf16_hardware_exists(flags, measured, expected, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     decision = P.choose_precision("auto", "cpu", flags=flags, measure=lambda: measured)
     assert decision["resolved"] == expected and decision["measured"] == measured and decision["requested"] == "auto"
+    assert decision["decided_by"] == "measurement"
 
 
 def test_auto_does_not_measure_without_bf16_hardware_or_on_cuda(monkeypatch):
@@ -72,7 +73,7 @@ def test_auto_does_not_measure_without_bf16_hardware_or_on_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert P.choose_precision("auto", "cpu", flags=AVX2, measure=boom) == {
-        "requested": "auto", "resolved": "32-true", "facts": P.precision_facts("cpu", AVX2)}
+        "requested": "auto", "resolved": "32-true", "facts": P.precision_facts("cpu", AVX2), "decided_by": "hardware rule"}
     assert P.choose_precision("bf16-mixed", "cpu", flags=AMX, measure=boom)["resolved"] == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -114,9 +115,38 @@ def test_measure_bf16_times_a_copy_and_leaves_model_and_rng_alone():
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics and weights untouched
     assert net.conv.weight.grad is None and net.conv.weight.is_contiguous()  # no gradient, no layout change left
     inputs = {"input_ids": torch.randint(0, 50, (4, 7)), "attention_mask": torch.ones(4, 7)}
-    assert P.measure_bf16(_DictNet(), inputs, rounds=1, budget_s=0)["rounds"] == 1  # at least one round
+    dict_net = _DictNet()
+    state = torch.random.get_rng_state()
+    assert P.measure_bf16(dict_net, inputs, rounds=1, budget_s=0)["rounds"] == 1  # at least one round
+    assert torch.equal(torch.random.get_rng_state(), state)  # its dropout drew nothing from the run's stream
     with pytest.raises(ConfigError, match="rounds"):
         P.measure_bf16(net, torch.randn(2, 1, 8, 8), rounds=0)
+
+
+def test_nested_outputs_are_reduced():
+    class Nested(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"heads": (self.fc(x), [self.fc(x) * 2]), "ids": torch.zeros(2, dtype=torch.long)}
+
+    assert P.measure_bf16(Nested(), torch.randn(2, 4), rounds=1)["fp32_ms"] > 0
+
+
+def test_the_probe_batch_leaves_the_shuffle_alone():
+    import lightning_eff.cli as cli
+
+    class Shuffled(UserData):  # a RandomSampler draws its seed from torch's stream when the iterator starts
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=8, shuffle=True)
+
+    data = Shuffled()
+    state = torch.random.get_rng_state()
+    inputs = cli._train_inputs(data)
+    assert isinstance(inputs, torch.Tensor) and inputs.dim() == 4
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def _compose_auto(tmp_path, *extra):
@@ -162,17 +192,41 @@ def test_ddp_ranks_take_the_launching_process_decision(monkeypatch):
     monkeypatch.setattr(cli, "measure_bf16", lambda *a, **k: calls.append(1) or SLOW)
     # the launching process of a 2-process `ddp` run measures once and hands the decision to the ranks it starts
     parent = cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [], "fit")
-    assert parent["resolved"] == "32-true" and calls == [1]
-    assert json.loads(os.environ[cli.PRECISION_ENV]) == {"fit": "32-true"}
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Lightning started by re-running the command: no measurement
+    assert parent["resolved"] == "32-true" and parent["decided_by"] == "measurement" and calls == [1]
+    handoff = json.loads(os.environ[cli.PRECISION_ENV])
+    assert handoff == {"pid": os.getpid(), "stages": {"fit": "32-true"}}
+    # after Lightning started the ranks it sets LOCAL_RANK in the launching process too: a later stage's decision could
+    # not reach the ranks, so there every process uses the hardware rule (the launcher never reads its own hand-off)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    later = cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [], "fit")
+    assert later["resolved"] == "bf16-mixed" and later["decided_by"] == "hardware rule" and calls == [1]
+    # a rank Lightning started by re-running the command (another process): the launcher's value, no measurement
+    monkeypatch.setenv(cli.PRECISION_ENV, json.dumps({**handoff, "pid": os.getpid() + 1}))
+    monkeypatch.setenv("LOCAL_RANK", "1")
     child = cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [], "fit")
-    assert child["resolved"] == "32-true" and child["from_launcher"] is True and calls == [1]
+    assert child["resolved"] == "32-true" and child["decided_by"] == "launching process" and calls == [1]
+    finetune = cli._stage_precision({"precision": "auto", "devices": 2}, UserNet(), UserData(), [], "finetune")
+    assert finetune["resolved"] == "bf16-mixed" and finetune["decided_by"] == "hardware rule"  # as the launcher's
     # a rank of a torchrun/srun group (nothing handed down), or several nodes: the hardware rule, never measured
     monkeypatch.delenv(cli.PRECISION_ENV)
     assert cli._stage_precision({"precision": "auto"}, UserNet(), UserData(), [], "fit")["resolved"] == "bf16-mixed"
     monkeypatch.delenv("LOCAL_RANK")
     assert cli._stage_precision({"precision": "auto", "num_nodes": 2}, UserNet(), UserData(), [])["resolved"] == "bf16-mixed"
     assert calls == [1]
+
+
+def test_the_saved_config_says_what_each_stage_ran():
+    from lightning_eff.cli import _record_precision
+    from lightning_eff.stages import Stage
+
+    c = {"trainer": {"precision": "auto"}, "stages": {"teacher": None, "student": {"trainer": {"max_epochs": 1}},
+                                                      "qat": {"trainer": {"precision": "32-true"}}}}
+    for stage, value in ((Stage("teacher"), "bf16-mixed"), (Stage("student", main=True), "32-true"),
+                         (Stage("qat"), "32-true")):
+        _record_precision(c, stage, value, "auto")
+    assert c["trainer"]["precision"] == "32-true"  # the main stage's, at the root
+    assert c["stages"]["teacher"] == {"trainer": {"precision": "bf16-mixed"}}  # inherited auto, resolved otherwise
+    assert c["stages"]["student"] == {"trainer": {"max_epochs": 1}} and c["stages"]["qat"]["trainer"]["precision"] == "32-true"
 
 
 def test_cli_records_each_stage(tmp_path, monkeypatch):

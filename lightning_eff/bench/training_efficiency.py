@@ -49,7 +49,7 @@ from lightning_eff.measure import (
 )
 from lightning_eff.training.checkpointing import apply_activation_checkpointing
 from lightning_eff.training.layout import ChannelsLastInput, compile_network
-from lightning_eff.training.precision import BF16_MIN_SPEEDUP, measure_bf16
+from lightning_eff.training.precision import choose_precision, measure_bf16
 
 log = logging.getLogger(__name__)
 #: The ``memory_budget`` the headline checkpointing figures use (the share of saved activations to keep):
@@ -138,10 +138,10 @@ def _bf16(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
             return b_inner()
 
     timer.time("bf16", {"fp32": f_step, "bf16_mixed": b_step}, rounds=3 if quick else 5, repeats=3, warmup=2, threads=threads)
-    auto = {}  # what precision=auto picks for each network here (its own measurement: forward + backward, alternating)
+    auto = {}  # what precision=auto picks for each network on this CPU (it measures only where bf16 hardware exists)
     for name, (net, inputs, _) in _models(quick).items():
         measured = measure_bf16(net, inputs, channels_last=name.startswith("mobilenet"), rounds=3 if quick else 5)
-        auto[name] = {**measured, "auto": "bf16-mixed" if measured["ratio"] <= BF16_MIN_SPEEDUP else "32-true"}
+        auto[name] = {**measured, "auto": choose_precision("auto", "cpu", measure=lambda m=measured: m)["resolved"]}
     return {"auto": auto, "steps": steps, "fp32_loss_tail": sum(fp32[-tail:]) / tail, "bf16_loss_tail": sum(bf16[-tail:]) / tail,
             "loss_diff": abs(sum(fp32[-tail:]) - sum(bf16[-tail:])) / tail,
             "step_time_ratio": timer.ratio("bf16_step_time_ratio", "bf16", "bf16_mixed", "fp32")}

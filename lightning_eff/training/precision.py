@@ -5,8 +5,8 @@ Lightning owns mixed precision (``Trainer(precision="bf16-mixed")`` runs the for
 the machine: the CPUs this project runs on differ — some have AVX2 only, where bf16 autocast is
 *slower* than float32 (it converts every operand and has no bf16 matrix unit), others AMX tiles, where
 bf16 matrix products run in hardware. Hardware alone does not decide it either: on an Intel Xeon with
-AMX, ``make train``'s MobileNetV2 (width 0.5, 32 px, batch 128, channels-last) took **1.51x** the fp32
-step under bf16 autocast (284 vs 187 ms, 2026-12-03) — its depthwise convolutions and small 1x1 GEMMs
+AMX, ``make train``'s MobileNetV2 (width 0.5, 32 px, batch 128, channels-last) took **1.50x** the fp32
+step under bf16 autocast (304 vs 202 ms, ``make train``'s own measurement, 2026-12-03) — its depthwise convolutions and small 1x1 GEMMs
 gain nothing from the tiles and pay for every cast — and on an AMD EPYC with AVX-512-BF16 but no AMX
 1.68x. So :func:`choose_precision` *measures* where bf16 hardware exists: a few forward+backward steps of
 a copy of the model on a real batch, fp32 and bf16 autocast alternating (:func:`measure_bf16`), and picks
@@ -93,9 +93,18 @@ def precision_facts(accelerator: str = "auto", flags: Mapping[str, Any] | None =
 
 def _reduce(out: Any) -> torch.Tensor:
     """One scalar from a model's output (tensor, HF output with ``logits``, tuple or dict of tensors) to backward."""
-    out = getattr(out, "logits", out)
-    values = out.values() if isinstance(out, Mapping) else flatten(out)
-    floats = [v.float().mean() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()
+    def leaves(value: Any) -> Any:
+        value = getattr(value, "logits", value)
+        if isinstance(value, Mapping):
+            for item in value.values():
+                yield from leaves(item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                yield from leaves(item)
+        else:
+            yield value
+
+    floats = [v.float().mean() for v in leaves(out) if isinstance(v, torch.Tensor) and v.is_floating_point()
               and v.requires_grad]
     if not floats:
         raise ValueError(f"the model's output ({type(out).__name__}) holds no tensor that needs a gradient")
@@ -164,7 +173,8 @@ def check_precision(precision: Any, name: str = "trainer.precision") -> str:
 
 def choose_precision(precision: Any = "auto", accelerator: str = "auto", flags: Mapping[str, Any] | None = None,
                      measure: Callable[[], Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Resolve ``precision`` and say why: ``{"requested", "resolved", "facts"}`` (+ ``"measured"`` when it measured).
+    """Resolve ``precision`` and say why: ``{"requested", "resolved", "facts"}``, for ``auto`` also ``"decided_by"``
+    (``"measurement"`` or ``"hardware rule"``) and ``"measured"`` when it measured.
 
     Args:
         precision: ``trainer.precision`` (one of :data:`PRECISIONS`; Lightning's integer forms too).
@@ -182,6 +192,7 @@ def choose_precision(precision: Any = "auto", accelerator: str = "auto", flags: 
     decision: dict[str, Any] = {"requested": value, "resolved": value, "facts": facts}
     if value != "auto":
         return decision
+    decision["decided_by"] = "hardware rule"
     if facts["device"] == "cuda":
         chosen = "bf16-mixed" if facts["cuda_bf16"] else "16-mixed"
     elif facts["device"] == "cpu" and measure is not None and any(facts[f] for f in _BF16_CPU_FLAGS):
@@ -190,7 +201,7 @@ def choose_precision(precision: Any = "auto", accelerator: str = "auto", flags: 
         except Exception as err:  # noqa: BLE001 - any model: a failed probe must not stop the run
             measured = {"error": f"{type(err).__name__}: {err}"}
             log.warning("precision=auto: the bf16 measurement failed (%s); training in float32", measured["error"])
-        decision["measured"] = measured
+        decision["measured"], decision["decided_by"] = measured, "measurement"
         chosen = "bf16-mixed" if float(measured.get("ratio", float("inf"))) <= BF16_MIN_SPEEDUP else "32-true"
     elif facts["device"] == "cpu" and any(facts[f] for f in _BF16_FAST_CPU_FLAGS):
         chosen = "bf16-mixed"

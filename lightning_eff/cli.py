@@ -168,6 +168,10 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         _check_target_node("trainer.strategy", trainer["strategy"])
     if trainer.get("precision") is not None:
         check_precision(trainer["precision"])  # a ConfigError naming the choices; resolved per stage in run()
+    for name, stage in (c.get("stages") or {}).items():
+        value = ((stage or {}).get("trainer") or {}).get("precision") if isinstance(stage, Mapping) else None
+        if value is not None:
+            check_precision(value, f"stages.{name}.trainer.precision")
     check_choice("cpu_allocator", c.get("cpu_allocator", "auto"), ALLOCATOR_MODES)
     plugins = trainer.get("plugins")
     for i, node in enumerate([] if plugins is None else plugins if isinstance(plugins, list) else [plugins]):
@@ -377,7 +381,6 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
     run_started = time.perf_counter()
     progress = check_bool("progress", c.get("progress", True))
-    _check_run_precision(c)
     if _handoff().get("pid") == os.getpid():  # this process's decisions of an earlier run: not this run's
         os.environ.pop(PRECISION_ENV, None)
     allocator = resolve_cpu_allocator(c.get("cpu_allocator", "auto"))  # before the data and model allocate anything
@@ -511,16 +514,6 @@ def run(cfg: DictConfig | Mapping, multirun: bool = False, extra_callbacks: Sequ
     return result
 
 
-def _check_run_precision(c: dict) -> None:
-    """Every ``precision`` of the run (the trainer's and each stage's) is a known value: checked before anything runs."""
-    if (c.get("trainer") or {}).get("precision") is not None:
-        check_precision(c["trainer"]["precision"])
-    for name, stage in (c.get("stages") or {}).items():
-        value = ((stage or {}).get("trainer") or {}).get("precision")
-        if value is not None:
-            check_precision(value, f"stages.{name}.trainer.precision")
-
-
 #: How Lightning's launcher hands ``auto``'s per-stage decisions to the ranks it starts by re-running the command line
 #: (``trainer.strategy=ddp``): ``{"pid": <the launching process>, "stages": {name: value}}``; the launching process
 #: measures, its ranks read the decision instead of measuring apart.
@@ -588,7 +581,8 @@ def _stage_precision(trainer_cfg: Mapping, network: nn.Module, datamodule: L.Lig
 
     decision = choose_precision(requested, accelerator, measure=measure)
     if measure is not None:  # the ranks Lightning starts by re-running this command read it
-        stages = _handoff().get("stages", {}) if _handoff().get("pid") == os.getpid() else {}
+        handoff = _handoff()
+        stages = handoff["stages"] if handoff.get("pid") == os.getpid() else {}
         os.environ[PRECISION_ENV] = json.dumps({"pid": os.getpid(), "stages": {**stages, stage: decision["resolved"]}})
     return decision
 

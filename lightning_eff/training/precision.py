@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -46,9 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_eff.batch import call_with_inputs, flatten
+from lightning_eff.batch import call_with_inputs, first_tensor
 from lightning_eff.errors import ConfigError, did_you_mean
 from lightning_eff.measure.machine import cpu_flags
+from lightning_eff.measure.timing import time_interleaved
 from lightning_eff.validation import check_bool, check_int, check_number
 
 __all__ = ["PRECISIONS", "FLOAT32_PRECISIONS", "BF16_MIN_SPEEDUP", "is_mixed", "precision_facts", "measure_bf16",
@@ -116,15 +116,16 @@ def measure_bf16(model: nn.Module, inputs: Any, *, channels_last: bool = False, 
     """Training-step time of ``model`` on ``inputs`` in float32 and under bf16 CPU autocast, side by side.
 
     A copy of the model in train mode runs forward + backward (no optimizer step: the update's cost does not
-    depend on the autocast) once each to warm up, then the two alternate, one step each per round, so drift
-    on a shared machine hits both; the medians are compared. The model, its buffers (BatchNorm statistics)
+    depend on the autocast) once each to warm up, then the two alternate in rounds of one step each
+    (:func:`~lightning_eff.measure.timing.time_interleaved`), so drift on a shared machine hits both; the
+    medians are compared. The model, its buffers (BatchNorm statistics)
     and the random number generator's state are left as they were.
 
     Args:
         model: the network (a tensor input is passed as the argument, a tuple unpacked, a dict as keywords).
         inputs: one real training batch's inputs (its batch size is the one that counts).
         channels_last: time the copy in channels-last layout (4-D weights and inputs), as ``ChannelsLast`` trains it.
-        rounds: at most this many rounds (fewer when ``budget_s`` runs out; at least one).
+        rounds: at most this many rounds (fewer when the warm-up says ``budget_s`` would not hold them; at least one).
         budget_s: seconds the rounds may take after the warm-up.
 
     Returns:
@@ -149,17 +150,14 @@ def measure_bf16(model: nn.Module, inputs: Any, *, channels_last: bool = False, 
             p.grad = None
         return time.perf_counter() - started
 
-    times: dict[bool, list[float]] = {False: [], True: []}
     with torch.random.fork_rng(devices=[]):  # dropout in the copy draws nothing from the run's random stream
-        step(False), step(True)
-        started = time.perf_counter()
-        while len(times[True]) < rounds and (not times[True] or time.perf_counter() - started < budget_s):
-            for bf16 in (False, True):
-                times[bf16].append(step(bf16))
-    fp32_ms, bf16_ms = statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
-    first = next((v for v in (inputs.values() if isinstance(inputs, Mapping) else flatten(inputs))
-                  if isinstance(v, torch.Tensor)), None)
-    return {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms, "ratio": bf16_ms / fp32_ms, "rounds": len(times[True]),
+        round_s = step(False) + step(True)  # the warm-up, which also says how many rounds the budget holds
+        rounds = max(1, min(rounds, int(budget_s // round_s)))
+        timing = time_interleaved({"fp32": lambda: step(False), "bf16": lambda: step(True)}, rounds=rounds, repeats=1,
+                                  warmup=0)
+    fp32_ms, bf16_ms = timing["fp32"].median_ms, timing["bf16"].median_ms
+    first = first_tensor(inputs)
+    return {"fp32_ms": fp32_ms, "bf16_ms": bf16_ms, "ratio": bf16_ms / fp32_ms, "rounds": rounds,
             "batch_shape": list(first.shape) if first is not None else None}
 
 

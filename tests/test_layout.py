@@ -19,9 +19,14 @@ from lightning_eff.training.layout import (
     ChannelsLastInput,
     compile_network,
     is_compiled,
+    nchw_batchnorm_backward,
+    slow_channels_last_batchnorm,
     to_channels_last,
     uncompile_network,
 )
+
+CL = torch.channels_last
+REROUTED = "_NCHWBackwardBatchNormBackward"
 
 
 def _fit(tmp_path, callbacks):
@@ -133,3 +138,156 @@ def test_channels_last_only_while_training_or_evaluating(tmp_path):
     trainer.validate(module, datamodule=UserData())
     assert seen and all(seen)  # NHWC during the validation of its own
     assert module.net.conv.weight.is_contiguous() and not module.net._forward_pre_hooks  # NCHW after it
+
+
+@pytest.fixture
+def two_threads():
+    """The slow channels-last kernel is a multi-thread effect (tests run single-threaded: tests/conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_slow_channels_last_batchnorm_rule():
+    assert [c for c in range(1, 70) if slow_channels_last_batchnorm(c, threads=2)] == [*range(1, 16), *range(17, 32)]
+    assert not any(slow_channels_last_batchnorm(c, threads=1) for c in range(1, 70))  # one thread: no false sharing
+
+
+def test_one_thread_keeps_atens_kernel():
+    net = _bn_net((8,))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert to_channels_last(net) is not None  # hooked (the thread count is read at every call) ...
+        assert not _bn_grad_fns(net, torch.randn(2, 3, 6, 6))[0].startswith(REROUTED)  # ... but one thread: ATen's
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bn_net(channels=(8, 24, 16)) -> nn.Module:
+    torch.manual_seed(0)
+    layers, c_in = [], 3
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 4))
+
+
+def _bn_grad_fns(net: nn.Module, x: torch.Tensor) -> list[str]:
+    names = []
+    hooks = [m.register_forward_hook(lambda m, a, out: names.append(out.grad_fn.name() if out.grad_fn else None))
+             for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return names
+
+
+def test_nchw_batchnorm_backward_matches_channels_last_kernel(two_threads):
+    """8 and 24 channels rerouted (16 not); same forward, same running statistics, gradients to float rounding."""
+    x = torch.randn(6, 3, 10, 10)
+    fixed, native = _bn_net(), _bn_net()
+    handle = to_channels_last(fixed)
+    to_channels_last(native, batchnorm_backward="native")
+    assert len(handle) == 1 + 2 * 2  # the input hook, then a pre- and a post-hook on each of BN(8) and BN(24)
+    names = _bn_grad_fns(fixed, x)
+    assert [n.startswith(REROUTED) for n in names] == [True, True, False]
+    assert not any(n.startswith(REROUTED) for n in _bn_grad_fns(native, x))
+    for _ in range(2):  # two steps: the running statistics and num_batches_tracked advance identically
+        out_f, out_n = fixed(x), native(x)
+        torch.testing.assert_close(out_f, out_n, rtol=0, atol=0)
+        out_f.square().sum().backward()
+        out_n.square().sum().backward()
+    for (k, a), (_, b) in zip(fixed.named_parameters(), native.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=k)
+    for (k, a), (_, b) in zip(fixed.named_buffers(), native.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    xin = x.to(memory_format=CL).requires_grad_()
+    fixed[1](fixed[0](xin)).sum().backward()
+    assert xin.grad.is_contiguous(memory_format=CL)  # the gradient comes back in the network's layout
+
+
+def test_nchw_batchnorm_backward_double_backward_and_untouched_paths(two_threads):
+    fixed, native = _bn_net((8,)), _bn_net((8,))
+    nchw_batchnorm_backward(fixed.to(memory_format=CL))
+    native.to(memory_format=CL)
+    x = torch.randn(4, 3, 6, 6).to(memory_format=CL)
+    grads = []
+    for net in (fixed, native):  # a gradient penalty: the rerouted backward is itself differentiable
+        xin = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xin).square().sum(), xin, create_graph=True)
+        g.square().sum().backward()
+        grads.append(net[0].weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    bn = fixed[1]
+    y = fixed[0](x)
+    assert bn(y.contiguous()).grad_fn.name() == "NativeBatchNormBackward0"  # NCHW input: ATen's own path
+    assert bn(y.bfloat16()).grad_fn.name() == "NativeBatchNormBackward0"  # other dtypes too
+    fixed.eval()
+    assert bn(y).grad_fn.name() == "NativeBatchNormBackward0"  # evaluation: running statistics
+    fixed.train()
+    with torch.no_grad():
+        assert bn(y).grad_fn is None
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # F.batch_norm's own check still runs
+        bn(torch.randn(1, 8, 1, 1).to(memory_format=CL))
+
+
+def test_nchw_batchnorm_backward_copies_remove_and_export(two_threads):
+    import copy
+
+    net = _bn_net((8,))
+    keys = list(net.state_dict())
+    handle = to_channels_last(net)
+    x = torch.randn(2, 3, 6, 6)
+    clone = copy.deepcopy(net)
+    assert _bn_grad_fns(clone, x)[0].startswith(REROUTED)  # a copy (QAT prepare, EMA, the teacher) keeps it
+    assert list(net.state_dict()) == keys
+    traced = torch.jit.trace(net.eval(), x)  # tracing/export see the plain module
+    torch.testing.assert_close(traced(x), net(x))
+    handle.remove()
+    net.train()
+    assert not _bn_grad_fns(net, x)[0].startswith(REROUTED)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
+
+
+def test_nchw_batchnorm_backward_reaches_timm_and_qat_batchnorms(two_threads):
+    import timm
+
+    from lightning_eff.compression.quantization.fx import prepare_qat_fx_model
+    from lightning_eff.models import create_model
+
+    net = create_model("mobilenetv2", width=0.5, num_classes=3, in_chans=1, small_input_stages=1)
+    bn8 = [m for m in net.modules() if isinstance(m, timm.layers.BatchNormAct2d) and m.num_features == 8]
+    assert bn8 and nchw_batchnorm_backward(net) is not None
+    x = torch.randn(4, 1, 16, 16)
+    seen = []
+    bn8[0].register_forward_hook(lambda m, a, out: seen.append(out.grad_fn.name()))
+    net.to(memory_format=CL)(x.to(memory_format=CL))
+    assert seen[-1].startswith(REROUTED)  # BatchNormAct2d's own forward (act: Identity here) calls F.batch_norm
+    qat = prepare_qat_fx_model(create_model("mobilenetv2", width=0.5, num_classes=3, in_chans=1, small_input_stages=1),
+                               (x[:2],), engine="x86", per_channel="depthwise")
+    handle = to_channels_last(qat)
+    hooked = [n for n, m in qat.named_modules() if m._forward_pre_hooks and isinstance(m, nn.BatchNorm2d)]
+    assert hooked and all(n.endswith(".bn") for n in hooked)  # the BN inside a QAT Conv-BN module
+    names = _bn_grad_fns(qat, x)
+    assert any(n.startswith(REROUTED) for n in names)
+    handle.remove()
+
+
+def test_batchnorm_backward_option_refused():
+    with pytest.raises(ConfigError, match="batchnorm_backward='nchw'.*choose from \\['auto', 'native'\\]"):
+        ChannelsLast(batchnorm_backward="nchw")
+    with pytest.raises(ConfigError, match="batchnorm_backward"):
+        to_channels_last(nn.Conv2d(1, 1, 1), batchnorm_backward=True)
+
+
+def test_channels_last_callback_reroutes_and_removes(tmp_path, two_threads):
+    seen = []
+    module = UserModule()  # UserNet's first BatchNorm has 8 channels
+    module.net.bn.register_forward_hook(lambda m, a, out: seen.append(out.grad_fn.name() if out.grad_fn else None))
+    user_trainer(tmp_path, [ChannelsLast(module_attr="net")], max_epochs=1).fit(module, datamodule=UserData())
+    assert seen and all(n.startswith(REROUTED) for n in seen if n)
+    assert not module.net.bn._forward_pre_hooks  # taken off with the layout when training ends

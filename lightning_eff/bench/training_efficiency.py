@@ -18,11 +18,16 @@ the same process by the one interleaved timer (:func:`lightning_eff.measure.time
   C library's default, in fresh processes (the setting is per process), alternating pairs: median step time
   and page faults per step;
 - **torch.compile** (inductor) vs eager training step, **channels-last** vs NCHW inference at 224x224 batch 1,
-  and **frozen TorchScript** (``torch.jit.freeze``) vs traced TorchScript at 224x224 batch 1.
+  and **frozen TorchScript** (``torch.jit.freeze``) vs traced TorchScript at 224x224 batch 1;
+- **channels-last BatchNorm backward** (:func:`~lightning_eff.training.layout.nchw_batchnorm_backward`, what
+  ``ChannelsLast(batchnorm_backward="auto")`` installs): ``make train``'s channels-last float training step with the
+  slow-path BatchNorms' backward in NCHW vs ATen's channels-last kernel everywhere, and the kernel itself
+  (one BatchNorm2d forward+backward, 8 and 24 channels at 32x32, batch 128, vs the same tensor in NCHW);
+  2 threads (the slow kernel is a multi-thread effect).
 
 Final line: ``RESULT ckpt_activation_ratio=<r> ckpt_step_time_ratio=<r> bf16_step_time_ratio=<r>
 bf16_loss_diff=<x> ddp2_throughput_ratio=<r> compile_step_time_ratio=<r> channels_last_latency_ratio=<r>
-frozen_ts_latency_ratio=<r> allocator_step_time_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
+frozen_ts_latency_ratio=<r> allocator_step_time_ratio=<r> bn_backward_step_time_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
 The CPU capability (``AVX2``/``AVX512``, AMX) is in the JSON: bf16 only pays where the CPU has bf16 units.
 """
 from __future__ import annotations
@@ -48,7 +53,11 @@ from lightning_eff.measure import (
     train_step_fn,
 )
 from lightning_eff.training.checkpointing import apply_activation_checkpointing
-from lightning_eff.training.layout import ChannelsLastInput, compile_network
+from lightning_eff.training.layout import (
+    ChannelsLastInput,
+    compile_network,
+    to_channels_last,
+)
 from lightning_eff.training.precision import choose_precision, measure_bf16
 
 log = logging.getLogger(__name__)
@@ -292,10 +301,50 @@ def _compile_and_layout(timer: Timings, quick: bool, threads: int) -> dict[str, 
                                                       "ts_traced")}
 
 
+def _batchnorm_backward(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
+    """``make train``'s channels-last float step, BatchNorm backward rerouted (``auto``) vs ATen's kernel (``native``).
+
+    At least 2 threads (``make train``'s setting): the slow kernel is a multi-thread effect (one thread: no reroute).
+    """
+    from lightning_eff.models import create_model
+
+    threads = max(threads, 2)
+    b = 32 if quick else 128
+    x, y = torch.randn(b, 1, 32, 32), torch.randint(0, 10, (b,))
+    steps = {}
+    for mode in ("native", "auto"):
+        torch.manual_seed(0)
+        net = create_model("mobilenetv2", width=0.5, num_classes=10, in_chans=1, small_input_stages=1)
+        to_channels_last(net, batchnorm_backward=mode)
+        steps[mode] = train_step_fn(net, x, y)
+    rounds, repeats = (3, 3) if quick else (6, 4)
+    timer.time("bn_backward_step", steps, rounds=rounds, repeats=repeats, warmup=1, threads=threads)
+    kernels: dict[str, Any] = {}
+    for c in (8, 24):
+        bn = nn.BatchNorm2d(c)
+        t = torch.randn(b, c, 32, 32)
+        grad = torch.randn(b, c, 32, 32)
+        fns = {}
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            xin = t.to(memory_format=fmt).requires_grad_()
+            g = grad.to(memory_format=fmt)
+            fns[layout] = (lambda xin=xin, g=g, bn=bn: torch.autograd.grad(bn(xin), xin, g))
+        cl_net = nn.Sequential(nn.BatchNorm2d(c))
+        to_channels_last(cl_net, inputs=False)
+        xin = t.to(memory_format=torch.channels_last).requires_grad_()
+        g = grad.to(memory_format=torch.channels_last)
+        fns["channels_last_rerouted"] = lambda xin=xin, g=g, m=cl_net: torch.autograd.grad(m(xin), xin, g)
+        timing = timer.time(f"bn{c}_kernel", fns, rounds=rounds, repeats=repeats, warmup=1, threads=threads)
+        kernels[f"bn{c}"] = {**timing.stat("min_ms"), "rerouted_vs_nchw": timing.ratio("channels_last_rerouted", "nchw"),
+                             "native_vs_nchw": timing.ratio("channels_last", "nchw")}
+    return {"step_time_ratio": timer.ratio("bn_backward_step_time_ratio", "bn_backward_step", "auto", "native"),
+            "threads": threads, "batch": b, "kernel_ms": kernels}
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     parser = bench_parser("training_efficiency", __doc__.splitlines()[0])
     parser.set_defaults(threads=1)  # stable figures on a shared 2-core machine (the DDP part sets its own)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ckpt", "bf16", "ddp", "alloc", "compile"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ckpt", "bf16", "ddp", "alloc", "compile", "bn"],
                         help="parts to leave out (their RESULT keys read none)")
     parser.add_argument("--memory-budget", type=float, default=MEMORY_BUDGET,
                         help=f"the checkpointing rows' memory_budget (default {MEMORY_BUDGET}; 0 < value < 1)")
@@ -313,7 +362,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     alloc = _allocator(args.quick) if "alloc" not in args.skip else {}
     set_threads(threads)
     layout = _compile_and_layout(timer, args.quick, threads) if "compile" not in args.skip else {}
-    payload.update(checkpointing=ckpt, bf16=bf16, ddp=ddp, allocator=alloc, compile_and_layout=layout, wall_s=time.perf_counter() - t0)
+    bn = _batchnorm_backward(timer, args.quick, threads) if "bn" not in args.skip else {}
+    payload.update(checkpointing=ckpt, bf16=bf16, ddp=ddp, allocator=alloc, compile_and_layout=layout, batchnorm_backward=bn,
+                   wall_s=time.perf_counter() - t0)
     if ckpt:
         print(format_table(ckpt))
     if bf16:
@@ -330,6 +381,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "channels_last_latency_ratio": layout.get("channels_last_latency_ratio"),
         "frozen_ts_latency_ratio": layout.get("frozen_ts_latency_ratio"),
         "allocator_step_time_ratio": alloc.get("step_time_ratio"),
+        "bn_backward_step_time_ratio": bn.get("step_time_ratio"),
     }
     write_bench("training_efficiency", payload, result, args.out, timings=timer)
     return result

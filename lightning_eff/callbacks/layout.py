@@ -31,9 +31,11 @@ from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import DEFAULT_MODULE_ATTR
 from lightning_eff.errors import ConfigError
 from lightning_eff.training.layout import (
+    check_batchnorm_backward,
     check_compile_options,
     compile_network,
     is_compiled,
+    slow_channels_last_batchnorm,
     to_channels_last,
     uncompile_network,
 )
@@ -98,14 +100,20 @@ class ChannelsLast(EffCallback):
     Args:
         inputs: also convert 4-D inputs on entry to the network (else only the weights: convolutions
             then still produce NHWC outputs, but the first one converts its input on every call).
+        batchnorm_backward: ``"auto"``: the BatchNorms whose channel count is on ATen's slow channels-last
+            backward path with more than one thread (fewer than 32 and not a multiple of 16, e.g. 8 or 24)
+            run their training backward through the NCHW kernel (:func:`~lightning_eff.training.layout.nchw_batchnorm_backward`; training
+            step 0.93x on ``make train``'s network); ``"native"``: ATen's channels-last kernel everywhere.
         module_attr: attribute of the LightningModule holding the network.
     """
 
     _MARK = "_lightning_eff_channels_last"
 
-    def __init__(self, inputs: bool = True, module_attr: str | None = DEFAULT_MODULE_ATTR) -> None:
+    def __init__(self, inputs: bool = True, batchnorm_backward: str = "auto",
+                 module_attr: str | None = DEFAULT_MODULE_ATTR) -> None:
         super().__init__(module_attr)
         self.inputs = check_bool("inputs", inputs)
+        self.batchnorm_backward = check_batchnorm_backward(batchnorm_backward)
         self._handles: list[Any] = []
 
     @property
@@ -120,11 +128,16 @@ class ChannelsLast(EffCallback):
         if owner is not None:
             raise ConfigError(f"ChannelsLast: the network ({type(net).__name__}) is already converted by another "
                               "ChannelsLast callback; attach one.")
-        handle = to_channels_last(net, inputs=self.inputs)
+        handle = to_channels_last(net, inputs=self.inputs, batchnorm_backward=self.batchnorm_backward)
         if handle is not None:
             self._handles.append(handle)
         net.__dict__[self._MARK] = self.state_key
-        log.info("ChannelsLast: %s in NHWC%s", type(net).__name__, " (inputs converted on entry)" if self.inputs else "")
+        rerouted = [name for name, m in net.named_modules()
+                    if isinstance(m, nn.BatchNorm2d) and slow_channels_last_batchnorm(m.num_features, threads=2)]
+        log.info("ChannelsLast: %s in NHWC%s%s", type(net).__name__, " (inputs converted on entry)" if self.inputs else "",
+                 f"; {len(rerouted)} BatchNorm(s) with a channel count on ATen's slow channels-last backward path "
+                 f"train their backward in NCHW: {rerouted[:4]}{' ...' if len(rerouted) > 4 else ''}"
+                 if rerouted and self.batchnorm_backward == "auto" else "")
 
     # QAT may replace the network in its setup: every loop start checks the network is the converted one.
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

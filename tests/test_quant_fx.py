@@ -378,3 +378,47 @@ def test_fold_batch_norms_leaves_its_input_alone(tiny_timm):
         torch.testing.assert_close(tiny_timm.eval()(x), ref, rtol=0, atol=0)
     trainable = {n: p.requires_grad for n, p in folded.named_parameters()}
     assert trainable and all(trainable.values()), trainable  # the biases that carry BN's shift train too
+
+
+def test_nhwc_fused_fake_quantize_is_bitwise_the_parent_without_the_copy():
+    """Channels-last activations: the NHWC view gives torch.ao's output, gradient and statistics, with no NCHW copy."""
+    from torch.ao.quantization import (
+        FusedMovingAvgObsFakeQuantize,
+        MovingAverageMinMaxObserver,
+    )
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_eff.compression.quantization.fx import NHWCFusedFakeQuantize
+
+    kwargs = dict(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=True)
+    parent, nhwc = FusedMovingAvgObsFakeQuantize(**kwargs), NHWCFusedFakeQuantize(**kwargs)
+    assert list(parent.state_dict()) == list(nhwc.state_dict())
+    torch.manual_seed(0)
+    for _ in range(3):  # the moving averages advance identically
+        x = torch.randn(4, 24, 6, 6).to(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = parent(xa), nhwc(xb)
+        grad = torch.randn_like(out_a)
+        out_a.backward(grad)
+        out_b.backward(grad)
+        assert torch.equal(out_a, out_b) and torch.equal(xa.grad, xb.grad)
+        assert out_b.is_contiguous(memory_format=torch.channels_last)
+        for key, value in parent.state_dict().items():
+            assert torch.equal(value, nhwc.state_dict()[key]), key
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        nhwc(x)
+    assert not any(e.name in ("aten::contiguous", "aten::copy_") for e in prof.events())
+    parent(x)  # the same observer step as the profiled call
+    nchw = torch.randn(4, 24, 6, 6)
+    torch.testing.assert_close(nhwc(nchw), parent(nchw), rtol=0, atol=0)  # other layouts: the parent's path
+
+
+def test_qat_qconfig_uses_the_nhwc_fake_quantize():
+    from lightning_eff.compression.quantization.fx import (
+        NHWCFusedFakeQuantize,
+        prepare_qat_fx_model,
+    )
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    prepared = prepare_qat_fx_model(net.train(), (torch.randn(2, 1, 8, 8),), engine="x86", per_channel=False)
+    assert any(type(m) is NHWCFusedFakeQuantize for m in prepared.modules())

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
 
 from lightning_eff.batch import input_args as _inputs
 from lightning_eff.compression.quantization.engines import (  # noqa: F401  (re-exported)
@@ -84,6 +85,7 @@ __all__ = [
     "default_reduce_range",
     "remove_identities",
     "ContiguousHardtanh",
+    "NHWCFusedFakeQuantize",
 ]
 
 OBSERVERS = ("minmax", "moving_average", "histogram")
@@ -138,14 +140,29 @@ def default_reduce_range(engine: str) -> bool:
     return True
 
 
+class NHWCFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
+    """torch.ao's fused observe+fake-quantize, without its copy of a channels-last input.
+
+    The CPU kernel (``fused_moving_avg_obs_fake_quant``) makes its input contiguous first: for an NHWC
+    activation (``ChannelsLast`` QAT) that is a full NCHW copy on every call, measured 1.25 of 7.1 ms for a
+    [128, 96, 16, 16] batch. Per-tensor fake quantization is element-wise with one min/max over all elements,
+    so it runs on the NHWC *view* of the same memory (``permute(0, 2, 3, 1)``, contiguous) and permutes back:
+    output, gradient, observer statistics, scale and zero point are bitwise those of the copy. Per-channel
+    weights and every other layout take the parent's path unchanged; state-dict keys are the parent's.
+    """
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - the parent's signature
+        if (not self.is_per_channel and X.dim() == 4 and not X.is_contiguous()
+                and X.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(X.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(X)
+
+
 def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, reduce_range: bool | None = None):
     """One QConfig following the engine's defaults (dtype, ranges, reduce_range) with our choices."""
-    from torch.ao.quantization import (
-        FakeQuantize,
-        FusedMovingAvgObsFakeQuantize,
-        QConfig,
-    )
+    from torch.ao.quantization import FakeQuantize, QConfig
 
+    fused = NHWCFusedFakeQuantize
     if reduce_range is None:
         reduce_range = default_reduce_range(engine)
     act_obs = _observer_cls(observer, per_channel, weight=False)
@@ -159,13 +176,13 @@ def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, r
         # The fused observe+fake-quant kernel only supports moving-average min/max; other
         # observers go through the generic FakeQuantize wrapper (slower, but the user asked).
         if observer == "moving_average":
-            act = FusedMovingAvgObsFakeQuantize.with_args(
+            act = fused.with_args(
                 observer=act_obs, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=reduce_range
             )
         else:
             act = FakeQuantize.with_args(observer=act_obs, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=reduce_range)
         w_ma = torch.ao.quantization.MovingAveragePerChannelMinMaxObserver if per_channel else torch.ao.quantization.MovingAverageMinMaxObserver
-        weight = FusedMovingAvgObsFakeQuantize.with_args(observer=w_ma, **w_kwargs)
+        weight = fused.with_args(observer=w_ma, **w_kwargs)
         return QConfig(activation=act, weight=weight)
     act = act_obs.with_args(dtype=torch.quint8, reduce_range=reduce_range)
     return QConfig(activation=act, weight=w_obs.with_args(**w_kwargs))

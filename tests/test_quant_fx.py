@@ -411,6 +411,8 @@ def test_nhwc_fused_fake_quantize_is_bitwise_the_parent_without_the_copy():
     parent(x)  # the same observer step as the profiled call
     nchw = torch.randn(4, 24, 6, 6)
     torch.testing.assert_close(nhwc(nchw), parent(nchw), rtol=0, atol=0)  # other layouts: the parent's path
+    scripted = torch.jit.script(copy.deepcopy(nhwc))  # a scripted fake-quant graph (TorchScript has no super())
+    torch.testing.assert_close(scripted(x), copy.deepcopy(nhwc)(x), rtol=0, atol=0)
 
 
 def test_qat_qconfig_uses_the_nhwc_fake_quantize():

@@ -154,8 +154,16 @@ class NHWCFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
     def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - the parent's signature
         if (not self.is_per_channel and X.dim() == 4 and not X.is_contiguous()
                 and X.is_contiguous(memory_format=torch.channels_last)):
-            return super().forward(X.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return super().forward(X)
+            return self._fused(X.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._fused(X)
+
+    def _fused(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        # The parent's forward, spelled out: TorchScript (a scripted fake-quant graph) cannot call super().
+        return torch.fused_moving_avg_obs_fake_quant(
+            X, self.observer_enabled, self.fake_quant_enabled, self.activation_post_process.min_val,
+            self.activation_post_process.max_val, self.scale, self.zero_point,
+            self.activation_post_process.averaging_constant, self.activation_post_process.quant_min,
+            self.activation_post_process.quant_max, self.ch_axis, self.is_per_channel, self.is_symmetric_quant)
 
 
 def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, reduce_range: bool | None = None):

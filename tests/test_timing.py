@@ -215,3 +215,18 @@ def test_training_efficiency_bench_refuses_a_memory_budget_outside_0_1(value, ca
     with pytest.raises(SystemExit):
         main(["--memory-budget", value, "--skip", "ckpt", "bf16", "ddp", "compile"])
     assert f"--memory-budget={float(value)}" in capsys.readouterr().err
+
+
+def test_training_efficiency_batchnorm_backward_part_times_both_modes_with_two_threads():
+    """The bench part behind bn_backward_step_time_ratio: both step variants and the kernel rows, at >= 2 threads."""
+    from lightning_eff.bench.common import Timings
+    from lightning_eff.bench.training_efficiency import _batchnorm_backward
+
+    before = torch.get_num_threads()
+    timer = Timings()
+    out = _batchnorm_backward(timer, quick=True, threads=1)
+    assert out["threads"] == 2 and out["step_time_ratio"] > 0
+    assert set(timer.runs["bn_backward_step"]) == {"native", "auto"}
+    for c in ("bn8", "bn24"):
+        assert {"nchw", "channels_last", "channels_last_rerouted", "native_vs_nchw"} <= set(out["kernel_ms"][c])
+    assert torch.get_num_threads() == before  # the timer puts the thread count back

@@ -132,7 +132,7 @@ def _bf16(timer: Timings, quick: bool, threads: int) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return losses
 
     fp32, bf16 = train(False), train(True)

@@ -2,6 +2,7 @@
 back and agree, the report's extra latency columns, and the refused options."""
 from __future__ import annotations
 
+import copy
 import json
 import zipfile
 
@@ -20,6 +21,7 @@ from lightning_eff.training.layout import (
     compile_network,
     is_compiled,
     nchw_batchnorm_backward,
+    out_of_place_activations,
     slow_channels_last_batchnorm,
     to_channels_last,
     uncompile_network,
@@ -236,8 +238,6 @@ def test_nchw_batchnorm_backward_double_backward_and_untouched_paths(two_threads
 
 
 def test_nchw_batchnorm_backward_copies_remove_and_export(two_threads):
-    import copy
-
     net = _bn_net((8,))
     keys = list(net.state_dict())
     handle = to_channels_last(net)
@@ -291,3 +291,42 @@ def test_channels_last_callback_reroutes_and_removes(tmp_path, two_threads):
     user_trainer(tmp_path, [ChannelsLast(module_attr="net")], max_epochs=1).fit(module, datamodule=UserData())
     assert seen and all(n.startswith(REROUTED) for n in seen if n)
     assert not module.net.bn._forward_pre_hooks  # taken off with the layout when training ends
+
+
+def test_out_of_place_activations_bitwise_same_and_restored():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 1), nn.SiLU(inplace=True),
+                        nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1), nn.Hardswish(inplace=False))
+    ref = copy.deepcopy(net)
+    handle = out_of_place_activations(net)
+    assert [net[i].inplace for i in (1, 3, 5, 7)] == [False, False, True, False]  # ReLU reads its output: stays in place
+    x = torch.randn(2, 3, 8, 8)
+    out, out_ref = net(x), ref(x)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    assert torch.equal(out, out_ref)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    handle.remove()
+    assert [net[i].inplace for i in (1, 3, 5, 7)] == [True, True, True, False]  # only what it switched goes back
+    assert out_of_place_activations(nn.Sequential(nn.ReLU(inplace=True))) is None
+
+
+def test_channels_last_callback_activations_out_of_place_while_training(tmp_path):
+    class ActNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+    module = UserModule()
+    module.net = ActNet()
+    seen = []
+    module.net.net[2].register_forward_pre_hook(lambda m, a: seen.append(m.inplace))
+    user_trainer(tmp_path, [ChannelsLast(module_attr="net")], max_epochs=1).fit(module, datamodule=UserData())
+    assert seen and not any(seen) and module.net.net[2].inplace is True  # off while training, back afterwards
+    with pytest.raises(ConfigError, match="inplace_activations='never'.*choose from"):
+        ChannelsLast(inplace_activations="never")

@@ -226,7 +226,8 @@ def test_training_efficiency_batchnorm_backward_part_times_both_modes_with_two_t
     timer = Timings()
     out = _batchnorm_backward(timer, quick=True, threads=1)
     assert out["threads"] == 2 and out["step_time_ratio"] > 0
-    assert set(timer.runs["bn_backward_step"]) == {"native", "auto"}
+    assert set(timer.runs["bn_backward_step"]) == {"native", "auto", "auto_out_of_place"}
+    assert out["out_of_place_act_step_time_ratio"] > 0 and out["both_step_time_ratio"] > 0
     for c in ("bn8", "bn24"):
         assert {"nchw", "channels_last", "channels_last_rerouted", "native_vs_nchw"} <= set(out["kernel_ms"][c])
     assert torch.get_num_threads() == before  # the timer puts the thread count back

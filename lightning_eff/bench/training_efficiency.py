@@ -23,11 +23,13 @@ the same process by the one interleaved timer (:func:`lightning_eff.measure.time
   ``ChannelsLast(batchnorm_backward="auto")`` installs): ``make train``'s channels-last float training step with the
   slow-path BatchNorms' backward in NCHW vs ATen's channels-last kernel everywhere, and the kernel itself
   (one BatchNorm2d forward+backward, 8 and 24 channels at 32x32, batch 128, vs the same tensor in NCHW);
-  2 threads (the slow kernel is a multi-thread effect).
+  then the same step with the in-place ReLU6 out of place as well (``inplace_activations="auto"``, vs the step
+  above); 2 threads (the slow kernel is a multi-thread effect).
 
 Final line: ``RESULT ckpt_activation_ratio=<r> ckpt_step_time_ratio=<r> bf16_step_time_ratio=<r>
 bf16_loss_diff=<x> ddp2_throughput_ratio=<r> compile_step_time_ratio=<r> channels_last_latency_ratio=<r>
-frozen_ts_latency_ratio=<r> allocator_step_time_ratio=<r> bn_backward_step_time_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
+frozen_ts_latency_ratio=<r> allocator_step_time_ratio=<r> bn_backward_step_time_ratio=<r>
+out_of_place_act_step_time_ratio=<r> noisy=<0|1>`` — the checkpointing figures are the worst of the three models.
 The CPU capability (``AVX2``/``AVX512``, AMX) is in the JSON: bf16 only pays where the CPU has bf16 units.
 """
 from __future__ import annotations
@@ -312,11 +314,11 @@ def _batchnorm_backward(timer: Timings, quick: bool, threads: int) -> dict[str, 
     b = 32 if quick else 128
     x, y = torch.randn(b, 1, 32, 32), torch.randint(0, 10, (b,))
     steps = {}
-    for mode in ("native", "auto"):
+    for name, bn, acts in (("native", "native", "keep"), ("auto", "auto", "keep"), ("auto_out_of_place", "auto", "auto")):
         torch.manual_seed(0)
         net = create_model("mobilenetv2", width=0.5, num_classes=10, in_chans=1, small_input_stages=1)
-        to_channels_last(net, batchnorm_backward=mode)
-        steps[mode] = train_step_fn(net, x, y)
+        to_channels_last(net, batchnorm_backward=bn, inplace_activations=acts)
+        steps[name] = train_step_fn(net, x, y)
     rounds, repeats = (3, 3) if quick else (6, 4)
     timer.time("bn_backward_step", steps, rounds=rounds, repeats=repeats, warmup=1, threads=threads)
     kernels: dict[str, Any] = {}
@@ -338,6 +340,10 @@ def _batchnorm_backward(timer: Timings, quick: bool, threads: int) -> dict[str, 
         kernels[f"bn{c}"] = {**timing.stat("min_ms"), "rerouted_vs_nchw": timing.ratio("channels_last_rerouted", "nchw"),
                              "native_vs_nchw": timing.ratio("channels_last", "nchw")}
     return {"step_time_ratio": timer.ratio("bn_backward_step_time_ratio", "bn_backward_step", "auto", "native"),
+            "out_of_place_act_step_time_ratio": timer.ratio("out_of_place_act_step_time_ratio", "bn_backward_step",
+                                                            "auto_out_of_place", "auto"),
+            "both_step_time_ratio": timer.ratio("channels_last_fixes_step_time_ratio", "bn_backward_step",
+                                                "auto_out_of_place", "native"),
             "threads": threads, "batch": b, "kernel_ms": kernels}
 
 
@@ -382,6 +388,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "frozen_ts_latency_ratio": layout.get("frozen_ts_latency_ratio"),
         "allocator_step_time_ratio": alloc.get("step_time_ratio"),
         "bn_backward_step_time_ratio": bn.get("step_time_ratio"),
+        "out_of_place_act_step_time_ratio": bn.get("out_of_place_act_step_time_ratio"),
     }
     write_bench("training_efficiency", payload, result, args.out, timings=timer)
     return result

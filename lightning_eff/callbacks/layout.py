@@ -31,8 +31,10 @@ from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import DEFAULT_MODULE_ATTR
 from lightning_eff.errors import ConfigError
 from lightning_eff.training.layout import (
+    CLONING_INPLACE_ACTIVATIONS,
     check_batchnorm_backward,
     check_compile_options,
+    check_inplace_activations,
     compile_network,
     is_compiled,
     slow_channels_last_batchnorm,
@@ -104,16 +106,25 @@ class ChannelsLast(EffCallback):
             backward path with more than one thread (fewer than 32 and not a multiple of 16, e.g. 8 or 24)
             run their training backward through the NCHW kernel (:func:`~lightning_eff.training.layout.nchw_batchnorm_backward`; training
             step 0.93x on ``make train``'s network); ``"native"``: ATen's channels-last kernel everywhere.
+        inplace_activations: ``"auto"``: while training, the activations whose in-place form clones its input
+            under autograd (``ReLU6``, ``Hardswish``, ``SiLU``, ...) run out of place (bitwise the same results,
+            one copy fewer each; :func:`~lightning_eff.training.layout.out_of_place_activations`), switched back
+            when training ends; ``"keep"``: their flags stay as the network has them.
         module_attr: attribute of the LightningModule holding the network.
+
+    Besides the layout, the callback owns the two costs a channels-last training step pays for nothing on CPU
+    (both measured and explained in :mod:`lightning_eff.training.layout`), and puts everything back when
+    training ends.
     """
 
     _MARK = "_lightning_eff_channels_last"
 
-    def __init__(self, inputs: bool = True, batchnorm_backward: str = "auto",
+    def __init__(self, inputs: bool = True, batchnorm_backward: str = "auto", inplace_activations: str = "auto",
                  module_attr: str | None = DEFAULT_MODULE_ATTR) -> None:
         super().__init__(module_attr)
         self.inputs = check_bool("inputs", inputs)
         self.batchnorm_backward = check_batchnorm_backward(batchnorm_backward)
+        self.inplace_activations = check_inplace_activations(inplace_activations)
         self._handles: list[Any] = []
 
     @property
@@ -128,13 +139,18 @@ class ChannelsLast(EffCallback):
         if owner is not None:
             raise ConfigError(f"ChannelsLast: the network ({type(net).__name__}) is already converted by another "
                               "ChannelsLast callback; attach one.")
-        handle = to_channels_last(net, inputs=self.inputs, batchnorm_backward=self.batchnorm_backward)
+        handle = to_channels_last(net, inputs=self.inputs, batchnorm_backward=self.batchnorm_backward,
+                                  inplace_activations=self.inplace_activations)
         if handle is not None:
             self._handles.append(handle)
         net.__dict__[self._MARK] = self.state_key
         rerouted = [name for name, m in net.named_modules()
                     if isinstance(m, nn.BatchNorm2d) and slow_channels_last_batchnorm(m.num_features, threads=2)]
-        log.info("ChannelsLast: %s in NHWC%s%s", type(net).__name__, " (inputs converted on entry)" if self.inputs else "",
+        out_of_place = sum(isinstance(m, CLONING_INPLACE_ACTIVATIONS) and getattr(m, "inplace", None) is False
+                           for m in net.modules()) if self.inplace_activations == "auto" else 0
+        log.info("ChannelsLast: %s in NHWC%s%s%s", type(net).__name__, " (inputs converted on entry)" if self.inputs else "",
+                 f"; {out_of_place} activations out of place while training (in place they copy their input)"
+                 if out_of_place else "",
                  f"; {len(rerouted)} BatchNorm(s) with a channel count on ATen's slow channels-last backward path "
                  f"train their backward in NCHW: {rerouted[:4]}{' ...' if len(rerouted) > 4 else ''}"
                  if rerouted and self.batchnorm_backward == "auto" else "")

@@ -31,13 +31,11 @@ from lightning_eff.callbacks.base import EffCallback
 from lightning_eff.callbacks.common import DEFAULT_MODULE_ATTR
 from lightning_eff.errors import ConfigError
 from lightning_eff.training.layout import (
-    CLONING_INPLACE_ACTIVATIONS,
     check_batchnorm_backward,
     check_compile_options,
     check_inplace_activations,
     compile_network,
     is_compiled,
-    slow_channels_last_batchnorm,
     to_channels_last,
     uncompile_network,
 )
@@ -139,22 +137,19 @@ class ChannelsLast(EffCallback):
         if owner is not None:
             raise ConfigError(f"ChannelsLast: the network ({type(net).__name__}) is already converted by another "
                               "ChannelsLast callback; attach one.")
-        out_of_place = sum(isinstance(m, CLONING_INPLACE_ACTIVATIONS) and getattr(m, "inplace", None) is True
-                           for m in net.modules()) if self.inplace_activations == "auto" else 0
         handle = to_channels_last(net, inputs=self.inputs, batchnorm_backward=self.batchnorm_backward,
                                   inplace_activations=self.inplace_activations)
         if handle is not None:
             self._handles.append(handle)
         net.__dict__[self._MARK] = self.state_key
-        rerouted = [name for name, m in net.named_modules()
-                    if isinstance(m, nn.BatchNorm2d) and slow_channels_last_batchnorm(m.num_features, threads=2)]
+        rerouted, out_of_place = (handle.rerouted, len(handle.switched)) if handle is not None else ([], 0)
         log.info("ChannelsLast: %s in NHWC%s%s%s", type(net).__name__, " (inputs converted on entry)" if self.inputs else "",
                  f"; {out_of_place} activations out of place while training (in place they copy their input)"
                  if out_of_place else "",
                  f"; {len(rerouted)} BatchNorm(s) with a channel count on ATen's slow channels-last backward path "
                  f"train their backward in NCHW (with more than one thread; {torch.get_num_threads()} now): "
                  f"{rerouted[:4]}{' ...' if len(rerouted) > 4 else ''}"
-                 if rerouted and self.batchnorm_backward == "auto" else "")
+                 if rerouted else "")
 
     # QAT may replace the network in its setup: every loop start checks the network is the converted one.
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

@@ -89,10 +89,16 @@ class _InputHook:
 
 
 class LayoutHandle:
-    """The hooks :func:`to_channels_last` / :func:`nchw_batchnorm_backward` installed; ``remove()`` takes them all off."""
+    """The hooks :func:`to_channels_last` / :func:`nchw_batchnorm_backward` installed; ``remove()`` takes them all off.
 
-    def __init__(self, handles: list[Any]) -> None:
+    ``rerouted`` names the BatchNorms whose backward goes through NCHW, ``switched`` the activations run out of place.
+    """
+
+    def __init__(self, handles: list[Any], rerouted: list[str] | None = None,
+                 switched: list[nn.Module] | None = None) -> None:
         self.handles = list(handles)
+        self.rerouted = list(rerouted or [])
+        self.switched = list(switched or [])
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -216,13 +222,14 @@ def nchw_batchnorm_backward(net: nn.Module) -> LayoutHandle | None:
     Returns:
         A :class:`LayoutHandle` (``.remove()`` takes the hooks off), or ``None`` when no BatchNorm matched.
     """
-    handles = []
-    for module in net.modules():
+    handles, rerouted = [], []
+    for name, module in net.named_modules():
         if isinstance(module, nn.BatchNorm2d) and slow_channels_last_batchnorm(module.num_features, threads=2):
             hook = _BatchNormHook()
             handles.append(module.register_forward_pre_hook(hook.pre))
             handles.append(module.register_forward_hook(hook.post, always_call=True))
-    return LayoutHandle(handles) if handles else None
+            rerouted.append(name)
+    return LayoutHandle(handles, rerouted=rerouted) if handles else None
 
 
 class _InplaceFlags:
@@ -251,7 +258,7 @@ def out_of_place_activations(net: nn.Module) -> LayoutHandle | None:
     switched = [m for m in net.modules() if isinstance(m, CLONING_INPLACE_ACTIVATIONS) and getattr(m, "inplace", False) is True]
     for module in switched:
         module.inplace = False
-    return LayoutHandle([_InplaceFlags(switched)]) if switched else None
+    return LayoutHandle([_InplaceFlags(switched)], switched=switched) if switched else None
 
 
 def to_channels_last(net: nn.Module, inputs: bool = True, batchnorm_backward: str = "auto",
@@ -279,18 +286,14 @@ def to_channels_last(net: nn.Module, inputs: bool = True, batchnorm_backward: st
     check_batchnorm_backward(batchnorm_backward)
     check_inplace_activations(inplace_activations)
     net.to(memory_format=torch.channels_last)
-    handles: list[Any] = []
-    if inputs:
-        handles.append(net.register_forward_pre_hook(_InputHook(), with_kwargs=True))
-    if batchnorm_backward == "auto":
-        bn = nchw_batchnorm_backward(net)
-        if bn is not None:
-            handles.extend(bn.handles)
-    if inplace_activations == "auto":
-        acts = out_of_place_activations(net)
-        if acts is not None:
-            handles.extend(acts.handles)
-    return LayoutHandle(handles) if handles else None
+    parts = [LayoutHandle([net.register_forward_pre_hook(_InputHook(), with_kwargs=True)]) if inputs else None,
+             nchw_batchnorm_backward(net) if batchnorm_backward == "auto" else None,
+             out_of_place_activations(net) if inplace_activations == "auto" else None]
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return None
+    return LayoutHandle([h for part in parts for h in part.handles], rerouted=[n for part in parts for n in part.rerouted],
+                        switched=[m for part in parts for m in part.switched])
 
 
 def check_inplace_activations(value: Any) -> str:

